@@ -1,0 +1,25 @@
+"""bistochastic: Sinkhorn projections, doubly-stochastic layers and their diagnostics.
+
+``import bistochastic as bs``. Modules, one per concept:
+
+* :mod:`bistochastic.sinkhorn` -- the entropic-OT / DSM solver (``sinkhorn``, ``project_dsm``)
+* :mod:`bistochastic.profiles` -- run profiles (``ci``, ``full``) and per-chapter sizes
+* :mod:`bistochastic.book` -- chapter setup: device, seeds, reproducible random draws
+* :mod:`bistochastic.plotting` -- the book's figure style
+"""
+
+from .sinkhorn import SinkhornResult, SinkhornWarning, marginal_error, project_dsm, sinkhorn
+from . import profiles, book, plotting
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SinkhornResult",
+    "SinkhornWarning",
+    "marginal_error",
+    "project_dsm",
+    "sinkhorn",
+    "profiles",
+    "book",
+    "plotting",
+]

@@ -1,0 +1,264 @@
+#!/usr/bin/env python
+"""The book pipeline: execute chapters with papermill, re-record golden outputs, check pairing,
+stage and render the HTML with Jupyter Book 1.
+
+Run through the Makefile (``make book``, ``make chapter CH=03 PROFILE=full``, ``make record``,
+``make test``); every sub-command is also usable directly:
+
+    python scripts/book.py execute [--profile ci] [--chapters 01 02]
+    python scripts/book.py record  [--chapters 01]        # ci profile, CPU, writes book/*.ipynb
+    python scripts/book.py check-pairing
+    python scripts/book.py stage   --source executed|golden [--profile ci]
+    python scripts/book.py html                            # renders _build/stage into _build/html
+
+Never renders a stale cache: ``execute`` always runs every selected chapter from a fresh kernel,
+and ``html`` renders the staged notebooks with execution off and ``--all`` (no incremental reuse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BOOK = ROOT / "book"
+BUILD = ROOT / "_build"
+# Keys that papermill and nbclient add to executed notebooks; never part of the golden files.
+_VOLATILE_CELL_KEYS = ("papermill", "execution", "ExecuteTime")
+_VOLATILE_NB_KEYS = ("papermill",)
+
+
+def chapters(selection: list[str] | None = None) -> list[Path]:
+    """Chapter sources: ``book/*.md`` with a jupytext kernelspec header, optionally filtered by prefix."""
+    found = []
+    for md in sorted(BOOK.glob("*.md")):
+        head = md.read_text(encoding="utf-8").split("\n---", 1)[0]
+        if "kernelspec:" in head:
+            found.append(md)
+    if selection:
+        sel = [s.strip() for s in selection if s.strip()]
+        chosen = [p for p in found if any(p.stem == s or p.stem.startswith(s + "_") or p.stem.startswith(s) for s in sel)]
+        missing = [s for s in sel if not any(p.stem.startswith(s) for p in chosen)]
+        if missing:
+            sys.exit(f"error: no chapter matches {missing}; chapters are {[p.stem for p in found]}")
+        return chosen
+    return found
+
+
+def _jupytext(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "jupytext", "--quiet", *args], check=True, cwd=ROOT)
+
+
+def _strip_volatile(nb_path: Path) -> None:
+    nb = json.loads(nb_path.read_text(encoding="utf-8"))
+    for k in _VOLATILE_NB_KEYS:
+        nb.get("metadata", {}).pop(k, None)
+    for cell in nb.get("cells", []):
+        for k in _VOLATILE_CELL_KEYS:
+            cell.get("metadata", {}).pop(k, None)
+    nb_path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def execute(profile: str, selection: list[str] | None, out_dir: Path, *, cpu_only: bool = False) -> int:
+    """Execute chapters from scratch into ``out_dir/book``. Returns the number of failed chapters."""
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    dest = out_dir / "book"
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    dest.mkdir(parents=True)
+    env_backup = dict(os.environ)
+    os.environ["BOOK_PROFILE"] = profile
+    if cpu_only:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    failed, timings = [], {}
+    try:
+        for md in chapters(selection):
+            nb_in = dest / f"{md.stem}.ipynb"
+            _jupytext("--to", "ipynb", "--output", str(nb_in), str(md))
+            t0 = time.perf_counter()
+            print(f"[book] executing {md.relative_to(ROOT)} (profile={profile})", flush=True)
+            try:
+                pm.execute_notebook(
+                    str(nb_in), str(nb_in), kernel_name="python3", cwd=str(dest),
+                    progress_bar=False, log_output=False, request_save_on_cell_execute=False,
+                )
+            except PapermillExecutionError as exc:
+                src = json.loads(nb_in.read_text())["cells"][exc.cell_index]["source"]
+                first = "".join(src).strip().splitlines()[:1]
+                print(
+                    f"[book] CHAPTER FAILED: {md.relative_to(ROOT)}: cell {exc.cell_index} "
+                    f"(execution count {exc.exec_count}) raised {exc.ename}: {exc.evalue}\n"
+                    f"[book]   cell starts with: {first[0] if first else ''!r}",
+                    flush=True,
+                )
+                failed.append(md.stem)
+                continue
+            except Exception as exc:  # kernel death, timeout, ...
+                print(f"[book] CHAPTER FAILED: {md.relative_to(ROOT)}: {type(exc).__name__}: {exc}", flush=True)
+                failed.append(md.stem)
+                continue
+            timings[md.stem] = round(time.perf_counter() - t0, 1)
+            _strip_volatile(nb_in)
+            print(f"[book]   ok in {timings[md.stem]} s", flush=True)
+    finally:
+        os.environ.clear()
+        os.environ.update(env_backup)
+    (out_dir / "timings.json").write_text(json.dumps(timings, indent=1) + "\n")
+    if failed:
+        print(f"[book] {len(failed)} chapter(s) failed: {', '.join(failed)}", flush=True)
+    return len(failed)
+
+
+def record(selection: list[str] | None) -> int:
+    """Re-record golden outputs: execute under ``ci`` on the CPU and write ``book/NN.ipynb``."""
+    out = BUILD / "record"
+    nfail = execute("ci", selection, out, cpu_only=True)
+    if nfail:
+        print("[book] nothing recorded: fix the failing chapters first", flush=True)
+        return nfail
+    for md in chapters(selection):
+        golden = BOOK / f"{md.stem}.ipynb"
+        shutil.copyfile(out / "book" / f"{md.stem}.ipynb", golden)
+        # re-derive inputs from the .md so that the pair is byte-for-byte in sync
+        _jupytext("--to", "ipynb", "--update", "--output", str(golden), str(md))
+        print(f"[book] recorded {golden.relative_to(ROOT)}", flush=True)
+    return 0
+
+
+def check_pairing() -> list[str]:
+    """Deterministic pairing check (not timestamps): regenerate each .ipynb's inputs from its .md,
+    keeping outputs, and compare bytes. Returns a list of problems."""
+    problems = []
+    mds = chapters()
+    stems = {p.stem for p in mds}
+    for nb in sorted(BOOK.glob("*.ipynb")):
+        if nb.stem not in stems:
+            problems.append(f"{nb.relative_to(ROOT)} has no paired .md")
+    with tempfile.TemporaryDirectory() as tmp:
+        for md in mds:
+            nb = BOOK / f"{md.stem}.ipynb"
+            if not nb.exists():
+                problems.append(f"{md.relative_to(ROOT)} has no paired .ipynb (run `make record CH={md.stem[:2]}`)")
+                continue
+            regen = Path(tmp) / nb.name
+            shutil.copyfile(nb, regen)
+            _jupytext("--to", "ipynb", "--update", "--output", str(regen), str(md))
+            if regen.read_bytes() != nb.read_bytes():
+                problems.append(
+                    f"{md.relative_to(ROOT)} and {nb.relative_to(ROOT)} are out of sync "
+                    f"(edit the .md, then `make record CH={md.stem[:2]}`)"
+                )
+    return problems
+
+
+def _mathjax_dir() -> Path:
+    import mathjax  # django-static-mathjax
+
+    d = Path(mathjax.__file__).parent / "static" / "mathjax" / "es5"
+    if not (d / "tex-mml-chtml.js").exists():
+        sys.exit(f"error: MathJax bundle not found under {d}")
+    return d
+
+
+def stage(source: str, profile: str) -> Path:
+    """Assemble ``_build/stage``: config with execution off, the notebooks to render, static files."""
+    import yaml
+
+    st = BUILD / "stage"
+    if st.exists():
+        shutil.rmtree(st)
+    (st / "book").mkdir(parents=True)
+    cfg = yaml.safe_load((ROOT / "_config.yml").read_text())
+    cfg["execute"]["execute_notebooks"] = "off"
+    cfg["exclude_patterns"] = ["_build", "**/.ipynb_checkpoints"]
+    (st / "_config.yml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    shutil.copyfile(ROOT / "_toc.yml", st / "_toc.yml")
+    shutil.copyfile(ROOT / "references.bib", st / "references.bib")
+    if (ROOT / "_static").exists():
+        shutil.copytree(ROOT / "_static", st / "_static")
+    # MathJax goes to the output root through html_extra_path (Jupyter Book would inject every .js
+    # under _static as a <script> tag).
+    shutil.copytree(_mathjax_dir(), st / "_extra" / "mathjax")
+    chs = {p.stem for p in chapters()}
+    for md in sorted(BOOK.glob("*.md")):
+        if md.stem not in chs:  # plain pages (bibliography, ...)
+            shutil.copyfile(md, st / "book" / md.name)
+    src_dir = BUILD / "exec" / profile / "book" if source == "executed" else BOOK
+    for stem in sorted(chs):
+        nb = src_dir / f"{stem}.ipynb"
+        if not nb.exists():
+            sys.exit(f"error: {nb} is missing; run the {'execute' if source == 'executed' else 'record'} step")
+        shutil.copyfile(nb, st / "book" / nb.name)
+    for extra in ("figures",):
+        if (BOOK / extra).exists():
+            shutil.copytree(BOOK / extra, st / "book" / extra)
+    return st
+
+
+def html() -> int:
+    st = BUILD / "stage"
+    out = BUILD / "html"
+    if out.exists():
+        shutil.rmtree(out)
+    jb = Path(sys.executable).parent / "jupyter-book"
+    cmd = [str(jb), "build", str(st), "--path-output", str(ROOT), "--all", "-W", "-n", "--keep-going"]
+    print("[book] jupyter-book " + " ".join(cmd[1:]), flush=True)
+    rc = subprocess.run(cmd, cwd=ROOT).returncode
+    if rc != 0:
+        print(f"[book] jupyter-book build failed (exit {rc})", flush=True)
+    elif not (out / "index.html").exists():
+        print("[book] jupyter-book exited 0 but _build/html/index.html is missing", flush=True)
+        rc = 1
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("execute", help="execute chapters from scratch with papermill")
+    p.add_argument("--profile", default=os.environ.get("BOOK_PROFILE", "ci"), choices=["ci", "full"])
+    p.add_argument("--chapters", nargs="*", default=None)
+    p = sub.add_parser("record", help="re-record golden outputs (ci profile, CPU)")
+    p.add_argument("--chapters", nargs="*", default=None)
+    sub.add_parser("check-pairing", help="fail when a .md and its .ipynb are out of sync")
+    p = sub.add_parser("stage", help="assemble _build/stage for rendering")
+    p.add_argument("--source", choices=["executed", "golden"], required=True)
+    p.add_argument("--profile", default="ci", choices=["ci", "full"])
+    sub.add_parser("html", help="render _build/stage into _build/html")
+    p = sub.add_parser("list", help="list chapters")
+    args = ap.parse_args(argv)
+
+    if args.cmd == "execute":
+        sel = args.chapters or None
+        return 1 if execute(args.profile, sel, BUILD / "exec" / args.profile) else 0
+    if args.cmd == "record":
+        return 1 if record(args.chapters or None) else 0
+    if args.cmd == "check-pairing":
+        probs = check_pairing()
+        for p_ in probs:
+            print(f"[pairing] {p_}")
+        print(f"[pairing] {len(chapters())} chapter pair(s) checked, {len(probs)} problem(s)")
+        return 1 if probs else 0
+    if args.cmd == "stage":
+        stage(args.source, args.profile)
+        return 0
+    if args.cmd == "html":
+        return html()
+    if args.cmd == "list":
+        for c in chapters():
+            print(c.stem)
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
