@@ -118,9 +118,15 @@ def execute(profile: str, selection: list[str] | None, out_dir: Path, *, cpu_onl
     return len(failed)
 
 
+def _out_dir(kind: str, profile: str, selection: list[str] | None) -> Path:
+    """Per-selection output folder, so that runs of different chapters never clobber each other."""
+    tag = profile if not selection else profile + "-" + "-".join(sorted(selection))
+    return BUILD / kind / tag
+
+
 def record(selection: list[str] | None) -> int:
     """Re-record golden outputs: execute under ``ci`` on the CPU and write ``book/NN.ipynb``."""
-    out = BUILD / "record"
+    out = _out_dir("record", "ci", selection)
     nfail = execute("ci", selection, out, cpu_only=True)
     if nfail:
         print("[book] nothing recorded: fix the failing chapters first", flush=True)
@@ -239,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.cmd == "execute":
         sel = args.chapters or None
-        return 1 if execute(args.profile, sel, BUILD / "exec" / args.profile) else 0
+        return 1 if execute(args.profile, sel, _out_dir("exec", args.profile, sel)) else 0
     if args.cmd == "record":
         return 1 if record(args.chapters or None) else 0
     if args.cmd == "check-pairing":

@@ -10,6 +10,7 @@
 
 from .sinkhorn import SinkhornResult, SinkhornWarning, marginal_error, project_dsm, sinkhorn
 from . import profiles, book, plotting
+from . import birkhoff, spectral, noise, models, fixed_point, anneal, tasks
 
 __version__ = "0.1.0"
 
@@ -22,4 +23,11 @@ __all__ = [
     "profiles",
     "book",
     "plotting",
+    "birkhoff",
+    "spectral",
+    "noise",
+    "models",
+    "fixed_point",
+    "anneal",
+    "tasks",
 ]

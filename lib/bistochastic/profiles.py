@@ -35,6 +35,58 @@ TABLE: Dict[str, Dict[str, Dict[str, Any]]] = {
         "ci": {"n": 64, "eps_grid": 12, "bench_sizes": (64, 256), "bench_reps": 3, "batch_tiny": 4096},
         "full": {"n": 512, "eps_grid": 20, "bench_sizes": (256, 1024, 4096), "bench_reps": 10, "batch_tiny": 65536},
     },
+    "03_entropy_sigma2": {
+        "ci": {},
+        "full": {},
+    },
+    "04_effective_depth": {
+        "ci": {},
+        "full": {},
+    },
+    "05_low_pass": {
+        "ci": {},
+        "full": {},
+    },
+    "06_snr_orthogonal_collapse": {
+        "ci": {},
+        "full": {},
+    },
+    "07_layernorm": {
+        "ci": {},
+        "full": {},
+    },
+    "08_residual_stagnation": {
+        "ci": {},
+        "full": {},
+    },
+    "09_dsm_vs_softmax": {
+        "ci": {},
+        "full": {},
+    },
+    "09b_tradeoff": {
+        "ci": {},
+        "full": {},
+    },
+    "10_sensitivity": {
+        "ci": {},
+        "full": {},
+    },
+    "11_contraction_resolvent": {
+        "ci": {},
+        "full": {},
+    },
+    "12_speed_limit": {
+        "ci": {},
+        "full": {},
+    },
+    "13_eph_asc": {
+        "ci": {},
+        "full": {},
+    },
+    "14_premature_collapse": {
+        "ci": {},
+        "full": {},
+    },
 }
 
 
