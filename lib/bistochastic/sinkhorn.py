@@ -47,6 +47,8 @@ __all__ = [
 ]
 
 GradMode = Literal["unroll", "implicit", "none"]
+#: Above this many columns the implicit backward solves its Schur system by CG instead of densely.
+DENSE_SCHUR_MAX = 512
 Engine = Literal["auto", "log", "absorb"]
 
 
@@ -384,7 +386,7 @@ def _schur_solve(P: Tensor, a: Tensor, b: Tensor, wr: Tensor, wc: Tensor, cg_tol
     Pa = P / a[..., :, None]  # D_a^{-1} P
     rhs = wc - torch.einsum("...ij,...i->...j", Pa, wr)
     rhs = rhs - rhs.mean(-1, keepdim=True)
-    if m <= 512:
+    if m <= DENSE_SCHUR_MAX:
         S = torch.diag_embed(b) - P.transpose(-1, -2) @ Pa
         ones = torch.ones(m, dtype=P.dtype, device=P.device) / math.sqrt(m)
         S = S + (b.mean(-1)[..., None, None]) * ones[:, None] * ones[None, :]

@@ -1,0 +1,357 @@
+"""Tests of the Sinkhorn core: agreement with POT, DSM properties, gradients, bad input, GPU."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import bistochastic as bs
+import importlib
+
+sk = importlib.import_module("bistochastic.sinkhorn")  # the module (bs.sinkhorn is the function)
+
+ot = pytest.importorskip("ot")
+
+F64 = torch.float64
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _problem(n, m, *, seed=0, uniform=True, dtype=F64):
+    g = _gen(seed)
+    x = torch.rand(n, 2, generator=g, dtype=dtype)
+    y = torch.rand(m, 2, generator=g, dtype=dtype)
+    C = torch.cdist(x, y) ** 2
+    if uniform:
+        a = torch.full((n,), 1.0 / n, dtype=dtype)
+        b = torch.full((m,), 1.0 / m, dtype=dtype)
+    else:
+        a = torch.rand(n, generator=g, dtype=dtype) + 0.1
+        b = torch.rand(m, generator=g, dtype=dtype) + 0.1
+        a, b = a / a.sum(), b / b.sum()
+    return C, a, b
+
+
+# --------------------------------------------------------------------------------- POT agreement
+
+
+@pytest.mark.parametrize("n,m", [(30, 30), (25, 40), (50, 20)])
+@pytest.mark.parametrize("uniform", [True, False])
+@pytest.mark.parametrize("eps", [1.0, 0.1, 0.03])
+@pytest.mark.parametrize("engine", ["log", "absorb"])
+def test_agrees_with_pot_sinkhorn_log(n, m, uniform, eps, engine):
+    C, a, b = _problem(n, m, seed=n + m, uniform=uniform)
+    P_pot = ot.sinkhorn(a.numpy(), b.numpy(), C.numpy(), eps, method="sinkhorn_log",
+                        stopThr=1e-15, numItermax=200000)
+    res = bs.sinkhorn(C, eps, a, b, tol=1e-14, max_iter=200000, engine=engine, grad="none")
+    assert res.all_converged
+    np.testing.assert_allclose(res.plan.numpy(), P_pot, atol=1e-8, rtol=0)
+    # the potentials reproduce the plan
+    P_from_pot = torch.exp((res.f[:, None] + res.g[None, :] - C) / eps)
+    torch.testing.assert_close(P_from_pot, res.plan, atol=1e-14, rtol=1e-12)
+
+
+def test_batched_matches_loop_and_tracks_convergence_per_element():
+    g = _gen(1)
+    C = torch.rand(5, 20, 20, generator=g, dtype=F64)
+    eps = torch.tensor([1.0, 0.5, 0.1, 0.05, 0.02], dtype=F64)
+    # different scales converge at different speeds: scale the cost per element
+    Cs = C / eps[:, None, None]
+    res = bs.sinkhorn(Cs, 1.0, tol=1e-12, max_iter=10000)
+    assert res.plan.shape == (5, 20, 20) and res.n_iter.shape == (5,)
+    assert res.all_converged
+    for k in range(5):
+        single = bs.sinkhorn(Cs[k], 1.0, tol=1e-12, max_iter=10000)
+        torch.testing.assert_close(res.plan[k], single.plan, atol=1e-11, rtol=0)
+    # the sharper problems need at least as many iterations (per-element tracking)
+    assert res.n_iter[0] <= res.n_iter[-1]
+    assert len(set(res.n_iter.tolist())) > 1
+
+
+# --------------------------------------------------------------------------- DSM properties
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 24), tau=st.floats(0.05, 20.0), seed=st.integers(0, 10_000),
+       scale=st.floats(0.1, 5.0))
+def test_project_dsm_properties(n, tau, seed, scale):
+    logits = scale * torch.randn(n, n, generator=_gen(seed), dtype=F64)
+    res = bs.project_dsm(logits, tau=tau, tol=1e-10, max_iter=50_000)
+    M = res.plan
+    assert bool(res.converged)
+    assert (M >= 0).all()
+    torch.testing.assert_close(M.sum(-1), torch.ones(n, dtype=F64), atol=1e-9 * n, rtol=0)
+    torch.testing.assert_close(M.sum(-2), torch.ones(n, dtype=F64), atol=1e-9 * n, rtol=0)
+    sv = torch.linalg.svdvals(M)
+    assert abs(float(sv[0]) - 1.0) < 1e-8
+    assert float(sv[1]) <= 1.0 + 1e-8
+
+
+def test_project_dsm_matches_alternating_normalisation():
+    """Log-domain alternating row/column normalisation of logits/tau, the Sinkhorn-layer convention."""
+    logits = torch.randn(7, 7, generator=_gen(3), dtype=F64)
+    tau = 0.7
+    L = logits / tau
+    for _ in range(2000):
+        L = L - torch.logsumexp(L, dim=-1, keepdim=True)
+        L = L - torch.logsumexp(L, dim=-2, keepdim=True)
+    res = bs.project_dsm(logits, tau=tau, tol=1e-14, max_iter=10000)
+    torch.testing.assert_close(res.plan, L.exp(), atol=1e-12, rtol=0)
+
+
+def test_fixed_iteration_mode_reports_error_honestly():
+    logits = torch.randn(4096, 4, 4, generator=_gen(4), dtype=torch.float32)
+    res = bs.project_dsm(logits, tau=0.05, n_iter=20)
+    assert res.iterations == 20 and (res.n_iter == 20).all()
+    # reported error equals the error of the returned plan
+    M = res.plan
+    ones = torch.ones(4)
+    err = torch.maximum((M.sum(-1) - ones).abs().sum(-1), (M.sum(-2) - ones).abs().sum(-1)) / 4
+    torch.testing.assert_close(res.marginal_error, err)
+    # at low temperature 20 sweeps leave some matrices far from doubly stochastic, and say so
+    assert (~res.converged).any()
+    assert torch.equal(res.converged, res.marginal_error <= res.tol)
+    # the same 20 plain sweeps by hand give the same matrices
+    L = logits / 0.05
+    for _ in range(20):
+        L = L - torch.logsumexp(L, dim=-1, keepdim=True)
+        L = L - torch.logsumexp(L, dim=-2, keepdim=True)
+    torch.testing.assert_close(M, L.exp(), atol=1e-5, rtol=1e-4)
+
+
+def test_warm_start_from_solution_converges_at_first_check():
+    C, a, b = _problem(40, 40, seed=5)
+    res = bs.sinkhorn(C, 0.02, a, b, tol=1e-10, max_iter=20000)
+    again = bs.sinkhorn(C, 0.02, a, b, tol=1e-10, init=(res.f, res.g), check_every=1)
+    assert int(again.n_iter) == 1
+    # and warm-starting an annealing step is faster than a cold start
+    cold = bs.sinkhorn(C, 0.015, a, b, tol=1e-10, max_iter=20000)
+    warm = bs.sinkhorn(C, 0.015, a, b, tol=1e-10, max_iter=20000, init=(res.f, res.g))
+    assert warm.iterations < cold.iterations
+    torch.testing.assert_close(warm.plan, cold.plan, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("engine", ["log", "absorb"])
+def test_small_eps_stays_finite(dtype, engine):
+    """No NaN/inf down to eps = 1e-4 x (cost range), even when it does not converge."""
+    g = _gen(6)
+    C = 5.0 * torch.rand(2, 30, 25, generator=g, dtype=dtype)
+    rng = float(C.max() - C.min())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bs.SinkhornWarning)
+        res = bs.sinkhorn(C, 1e-4 * rng, max_iter=300, engine=engine)
+    for t in (res.plan, res.f, res.g, res.marginal_error):
+        assert torch.isfinite(t).all()
+    assert res.plan.dtype == dtype
+
+
+def test_non_convergence_is_reported_and_warned():
+    C, a, b = _problem(30, 30, seed=7)
+    with pytest.warns(bs.SinkhornWarning, match="did not converge"):
+        res = bs.sinkhorn(C, 1e-3, a, b, max_iter=20, tol=1e-9)
+    assert not bool(res.converged)
+    assert float(res.marginal_error) > 1e-9
+    assert int(res.n_iter) == 20
+
+
+def test_half_precision_inputs_are_computed_in_fp32():
+    logits = torch.randn(8, 8, generator=_gen(8)).to(torch.bfloat16)
+    res = bs.project_dsm(logits, tau=1.0)
+    assert res.plan.dtype == torch.bfloat16
+    assert res.f.dtype == torch.float32
+    assert bool(res.converged)
+
+
+def test_momentum_and_engines_reach_the_same_fixed_point_faster():
+    C, a, b = _problem(200, 200, seed=9)
+    base = bs.sinkhorn(C, 0.005, a, b, tol=1e-9, engine="log", momentum=None, max_iter=50000)
+    fast = bs.sinkhorn(C, 0.005, a, b, tol=1e-9, engine="absorb", momentum="adaptive", max_iter=50000)
+    assert base.all_converged and fast.all_converged
+    torch.testing.assert_close(fast.plan, base.plan, atol=1e-8, rtol=0)
+    assert fast.iterations < base.iterations
+
+
+def test_inputs_are_not_modified():
+    C, a, b = _problem(10, 12, seed=10, uniform=False)
+    C0, a0, b0 = C.clone(), a.clone(), b.clone()
+    f0, g0 = torch.zeros(10, dtype=F64), torch.zeros(12, dtype=F64)
+    bs.sinkhorn(C, 0.1, a, b, init=(f0, g0))
+    assert torch.equal(C, C0) and torch.equal(a, a0) and torch.equal(b, b0)
+    assert not f0.any() and not g0.any()
+
+
+# -------------------------------------------------------------------------------- gradients
+
+
+def _grad_losses(res, W, a, b):
+    return {
+        "plan": (res.plan * W).sum(),
+        "dual": (res.f * a).sum() + (res.g * b).sum(),
+        "mixed": (res.plan * W).sum() + (res.f * a).sum() + (res.g * b).sum(),
+    }
+
+
+@pytest.mark.parametrize("which", ["plan", "dual", "mixed"])
+@pytest.mark.parametrize("shape", [(6, 5), (3, 6, 6)])
+def test_implicit_and_unrolled_gradients_agree(which, shape):
+    g = _gen(11)
+    C0 = torch.rand(*shape, generator=g, dtype=F64)
+    n, m = shape[-2], shape[-1]
+    a = torch.rand(n, generator=g, dtype=F64) + 0.2
+    b = torch.rand(m, generator=g, dtype=F64) + 0.2
+    a, b = a / a.sum(), b / b.sum()
+    W = torch.randn(*shape, generator=g, dtype=F64)
+    grads = {}
+    for mode in ("unroll", "implicit"):
+        C = C0.clone().requires_grad_()
+        res = bs.sinkhorn(C, 0.3, a, b, tol=1e-14, grad=mode, max_iter=10000)
+        (grads[mode],) = torch.autograd.grad(_grad_losses(res, W, a, b)[which], C)
+    torch.testing.assert_close(grads["implicit"], grads["unroll"], atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("mode", ["unroll", "implicit"])
+def test_gradcheck_float64(mode):
+    g = _gen(12)
+    C0 = torch.rand(5, 4, generator=g, dtype=F64)
+    W = torch.randn(5, 4, generator=g, dtype=F64)
+
+    def fn(C):
+        res = bs.sinkhorn(C, 0.5, tol=1e-15, grad=mode, max_iter=20000)
+        return (res.plan * W).sum() + res.f.sum() / 5 + res.g.sum() / 4
+
+    assert torch.autograd.gradcheck(fn, (C0.clone().requires_grad_(),), eps=1e-6, atol=1e-7)
+
+
+def test_implicit_cg_path_agrees_with_dense(monkeypatch):
+    g = _gen(13)
+    C0 = torch.rand(2, 30, 40, generator=g, dtype=F64)
+    W = torch.randn(2, 30, 40, generator=g, dtype=F64)
+    out = {}
+    for dense_max in (10_000, 0):
+        monkeypatch.setattr(sk, "DENSE_SCHUR_MAX", dense_max)
+        C = C0.clone().requires_grad_()
+        res = bs.sinkhorn(C, 0.1, tol=1e-13, grad="implicit", max_iter=10000)
+        (out[dense_max],) = torch.autograd.grad((res.plan * W).sum(), C)
+    torch.testing.assert_close(out[0], out[10_000], atol=1e-9, rtol=1e-7)
+
+
+def test_implicit_gradient_memory_does_not_grow_with_iterations():
+    """Implicit mode saves only the plan: the autograd graph is the same whatever the iteration count."""
+    g = _gen(14)
+    C = torch.rand(64, 64, generator=g, dtype=F64, requires_grad=True)
+    sizes = {}
+    for tol in (1e-3, 1e-12):
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            res = bs.sinkhorn(C, 0.02, tol=tol, grad="implicit", max_iter=10000)
+        sizes[tol] = (res.iterations, sum(saved))
+    assert sizes[1e-12][0] >= 3 * sizes[1e-3][0]
+    assert sizes[1e-12][1] == sizes[1e-3][1]
+    # unrolled mode saves more with more iterations
+    unrolled = {}
+    for k in (10, 100):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            bs.sinkhorn(C, 0.02, n_iter=k, grad="unroll")
+        unrolled[k] = sum(saved)
+    assert unrolled[100] > 5 * unrolled[10]
+
+
+def test_grad_none_detaches():
+    C = torch.rand(5, 5, dtype=F64, requires_grad=True)
+    res = bs.sinkhorn(C, 0.5, grad="none")
+    assert not res.plan.requires_grad
+
+
+# -------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(cost=torch.tensor([[0.0, float("nan")], [1.0, 0.0]])), "`cost` contains NaN or inf"),
+        (dict(cost=torch.tensor([[0.0, float("inf")], [1.0, 0.0]])), "`cost` contains NaN or inf"),
+        (dict(eps=0.0), "`eps` must be a positive finite number"),
+        (dict(eps=-1.0), "`eps` must be a positive finite number"),
+        (dict(eps=float("nan")), "`eps` must be a positive finite number"),
+        (dict(eps=float("inf")), "`eps` must be a positive finite number"),
+        (dict(a=torch.tensor([1.5, -0.5])), "`a` has negative entries"),
+        (dict(b=torch.tensor([0.5, float("nan")])), "`b` contains NaN or inf"),
+        (dict(a=torch.tensor([0.7, 0.7])), "same total mass"),
+        (dict(a=torch.tensor([0.2, 0.3, 0.5])), "`a` must have last dimension 2"),
+        (dict(b=torch.tensor([1.0])), "`b` must have last dimension 2"),
+        (dict(cost=torch.zeros(3)), r"`cost` must have shape \(\.\.\., n, m\)"),
+        (dict(cost=[[0.0, 1.0], [1.0, 0.0]]), "`cost` must be a torch.Tensor"),
+        (dict(init=(torch.zeros(3), torch.zeros(2))), "`init` potentials must have shapes"),
+        (dict(init=(torch.tensor([0.0, float("nan")]), torch.zeros(2))), r"`init\[0\]` contains NaN"),
+        (dict(n_iter=0), "`n_iter` must be a positive integer"),
+        (dict(grad="bogus"), "`grad` must be"),
+        (dict(momentum=2.5), "`momentum` must be"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_the_argument(kwargs, match):
+    args = dict(cost=torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=F64), eps=0.5, a=None, b=None)
+    args.update(kwargs)
+    cost, eps = args.pop("cost"), args.pop("eps")
+    with pytest.raises(ValueError, match=match):
+        bs.sinkhorn(cost, eps, **args)
+
+
+def test_batch_shape_mismatch_raises():
+    with pytest.raises(ValueError, match="`a` batch shape"):
+        bs.sinkhorn(torch.rand(3, 4, 4), 0.5, a=torch.full((2, 4), 0.25))
+
+
+@pytest.mark.parametrize("logits,tau,match", [
+    (torch.zeros(3, 4), 1.0, "`logits` must be square"),
+    (torch.zeros(3, 3), 0.0, "`tau` must be a positive finite number"),
+    (torch.zeros(3, 3), float("nan"), "`tau` must be a positive finite number"),
+])
+def test_project_dsm_bad_input(logits, tau, match):
+    with pytest.raises(ValueError, match=match):
+        bs.project_dsm(logits, tau=tau)
+
+
+# -------------------------------------------------------------------------------------- GPU
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gpu_matches_cpu(dtype):
+    C, a, b = _problem(256, 200, seed=15, uniform=False, dtype=dtype)
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    cpu = bs.sinkhorn(C, 0.05, a, b, tol=tol, max_iter=20000)
+    gpu = bs.sinkhorn(C.cuda(), 0.05, a.cuda(), b.cuda(), tol=tol, max_iter=20000)
+    assert gpu.plan.device.type == "cuda" and gpu.plan.dtype == dtype
+    assert gpu.all_converged
+    atol = 1e-6 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(gpu.plan.cpu(), cpu.plan, atol=atol, rtol=0)
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_implicit_gradient_and_batched_tiny():
+    g = _gen(16)
+    C = torch.rand(8, 32, 32, generator=g, dtype=F64).cuda().requires_grad_()
+    res = bs.sinkhorn(C, 0.1, tol=1e-12, grad="implicit", max_iter=10000)
+    (gr,) = torch.autograd.grad(res.plan.square().sum(), C)
+    assert gr.device.type == "cuda" and torch.isfinite(gr).all()
+    logits = torch.randn(65536, 4, 4, generator=g).cuda()
+    M = bs.project_dsm(logits, tau=1.0, n_iter=20)
+    assert M.plan.device.type == "cuda" and torch.isfinite(M.plan).all()
