@@ -35,10 +35,10 @@ _VOLATILE_CELL_KEYS = ("papermill", "execution", "ExecuteTime")
 _VOLATILE_NB_KEYS = ("papermill",)
 
 
-def chapters(selection: list[str] | None = None) -> list[Path]:
+def chapters(selection: list[str] | None = None, book: Path | None = None) -> list[Path]:
     """Chapter sources: ``book/*.md`` with a jupytext kernelspec header, optionally filtered by prefix."""
     found = []
-    for md in sorted(BOOK.glob("*.md")):
+    for md in sorted((book or BOOK).glob("*.md")):
         head = md.read_text(encoding="utf-8").split("\n---", 1)[0]
         if "kernelspec:" in head:
             found.append(md)
@@ -66,7 +66,15 @@ def _strip_volatile(nb_path: Path) -> None:
     nb_path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def execute(profile: str, selection: list[str] | None, out_dir: Path, *, cpu_only: bool = False) -> int:
+def _rel(p: Path) -> str:
+    try:
+        return str(p.relative_to(ROOT))
+    except ValueError:
+        return str(p)
+
+
+def execute(profile: str, selection: list[str] | None, out_dir: Path, *, cpu_only: bool = False,
+            book: Path | None = None) -> int:
     """Execute chapters from scratch into ``out_dir/book``. Returns the number of failed chapters."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
@@ -81,11 +89,11 @@ def execute(profile: str, selection: list[str] | None, out_dir: Path, *, cpu_onl
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     failed, timings = [], {}
     try:
-        for md in chapters(selection):
+        for md in chapters(selection, book):
             nb_in = dest / f"{md.stem}.ipynb"
             _jupytext("--to", "ipynb", "--output", str(nb_in), str(md))
             t0 = time.perf_counter()
-            print(f"[book] executing {md.relative_to(ROOT)} (profile={profile})", flush=True)
+            print(f"[book] executing {_rel(md)} (profile={profile})", flush=True)
             try:
                 pm.execute_notebook(
                     str(nb_in), str(nb_in), kernel_name="python3", cwd=str(dest),
@@ -95,7 +103,7 @@ def execute(profile: str, selection: list[str] | None, out_dir: Path, *, cpu_onl
                 src = json.loads(nb_in.read_text())["cells"][exc.cell_index]["source"]
                 first = "".join(src).strip().splitlines()[:1]
                 print(
-                    f"[book] CHAPTER FAILED: {md.relative_to(ROOT)}: cell {exc.cell_index} "
+                    f"[book] CHAPTER FAILED: {_rel(md)}: cell {exc.cell_index} "
                     f"(execution count {exc.exec_count}) raised {exc.ename}: {exc.evalue}\n"
                     f"[book]   cell starts with: {first[0] if first else ''!r}",
                     flush=True,
@@ -103,7 +111,7 @@ def execute(profile: str, selection: list[str] | None, out_dir: Path, *, cpu_onl
                 failed.append(md.stem)
                 continue
             except Exception as exc:  # kernel death, timeout, ...
-                print(f"[book] CHAPTER FAILED: {md.relative_to(ROOT)}: {type(exc).__name__}: {exc}", flush=True)
+                print(f"[book] CHAPTER FAILED: {_rel(md)}: {type(exc).__name__}: {exc}", flush=True)
                 failed.append(md.stem)
                 continue
             timings[md.stem] = round(time.perf_counter() - t0, 1)
@@ -136,31 +144,32 @@ def record(selection: list[str] | None) -> int:
         shutil.copyfile(out / "book" / f"{md.stem}.ipynb", golden)
         # re-derive inputs from the .md so that the pair is byte-for-byte in sync
         _jupytext("--to", "ipynb", "--update", "--output", str(golden), str(md))
-        print(f"[book] recorded {golden.relative_to(ROOT)}", flush=True)
+        print(f"[book] recorded {_rel(golden)}", flush=True)
     return 0
 
 
-def check_pairing() -> list[str]:
+def check_pairing(book: Path | None = None) -> list[str]:
     """Deterministic pairing check (not timestamps): regenerate each .ipynb's inputs from its .md,
     keeping outputs, and compare bytes. Returns a list of problems."""
+    book = book or BOOK
     problems = []
-    mds = chapters()
+    mds = chapters(book=book)
     stems = {p.stem for p in mds}
-    for nb in sorted(BOOK.glob("*.ipynb")):
+    for nb in sorted(book.glob("*.ipynb")):
         if nb.stem not in stems:
-            problems.append(f"{nb.relative_to(ROOT)} has no paired .md")
+            problems.append(f"{_rel(nb)} has no paired .md")
     with tempfile.TemporaryDirectory() as tmp:
         for md in mds:
-            nb = BOOK / f"{md.stem}.ipynb"
+            nb = book / f"{md.stem}.ipynb"
             if not nb.exists():
-                problems.append(f"{md.relative_to(ROOT)} has no paired .ipynb (run `make record CH={md.stem[:2]}`)")
+                problems.append(f"{_rel(md)} has no paired .ipynb (run `make record CH={md.stem[:2]}`)")
                 continue
             regen = Path(tmp) / nb.name
             shutil.copyfile(nb, regen)
             _jupytext("--to", "ipynb", "--update", "--output", str(regen), str(md))
             if regen.read_bytes() != nb.read_bytes():
                 problems.append(
-                    f"{md.relative_to(ROOT)} and {nb.relative_to(ROOT)} are out of sync "
+                    f"{_rel(md)} and {_rel(nb)} are out of sync "
                     f"(edit the .md, then `make record CH={md.stem[:2]}`)"
                 )
     return problems
@@ -233,9 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("execute", help="execute chapters from scratch with papermill")
     p.add_argument("--profile", default=os.environ.get("BOOK_PROFILE", "ci"), choices=["ci", "full"])
     p.add_argument("--chapters", nargs="*", default=None)
+    p.add_argument("--book-dir", type=Path, default=None, help="folder of chapter sources (default: book/)")
     p = sub.add_parser("record", help="re-record golden outputs (ci profile, CPU)")
     p.add_argument("--chapters", nargs="*", default=None)
-    sub.add_parser("check-pairing", help="fail when a .md and its .ipynb are out of sync")
+    p = sub.add_parser("check-pairing", help="fail when a .md and its .ipynb are out of sync")
+    p.add_argument("--book-dir", type=Path, default=None)
     p = sub.add_parser("stage", help="assemble _build/stage for rendering")
     p.add_argument("--source", choices=["executed", "golden"], required=True)
     p.add_argument("--profile", default="ci", choices=["ci", "full"])
@@ -245,14 +256,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.cmd == "execute":
         sel = args.chapters or None
-        return 1 if execute(args.profile, sel, _out_dir("exec", args.profile, sel)) else 0
+        out = _out_dir("exec", args.profile, sel) if args.book_dir is None else BUILD / "exec-custom"
+        return 1 if execute(args.profile, sel, out, book=args.book_dir) else 0
     if args.cmd == "record":
         return 1 if record(args.chapters or None) else 0
     if args.cmd == "check-pairing":
-        probs = check_pairing()
+        probs = check_pairing(args.book_dir)
         for p_ in probs:
             print(f"[pairing] {p_}")
-        print(f"[pairing] {len(chapters())} chapter pair(s) checked, {len(probs)} problem(s)")
+        print(f"[pairing] {len(chapters(book=args.book_dir))} chapter pair(s) checked, {len(probs)} problem(s)")
         return 1 if probs else 0
     if args.cmd == "stage":
         stage(args.source, args.profile)
