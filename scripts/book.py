@@ -92,6 +92,7 @@ def execute(profile: str, selection: list[str] | None, out_dir: Path, *, cpu_onl
         for md in chapters(selection, book):
             nb_in = dest / f"{md.stem}.ipynb"
             _jupytext("--to", "ipynb", "--output", str(nb_in), str(md))
+            sources = [c["source"] for c in json.loads(nb_in.read_text())["cells"]]
             t0 = time.perf_counter()
             print(f"[book] executing {_rel(md)} (profile={profile})", flush=True)
             try:
@@ -100,7 +101,8 @@ def execute(profile: str, selection: list[str] | None, out_dir: Path, *, cpu_onl
                     progress_bar=False, log_output=False, request_save_on_cell_execute=False,
                 )
             except PapermillExecutionError as exc:
-                src = json.loads(nb_in.read_text())["cells"][exc.cell_index]["source"]
+                # papermill prepends an error banner to the output file: read the input's cells
+                src = sources[exc.cell_index] if 0 <= exc.cell_index < len(sources) else ""
                 first = "".join(src).strip().splitlines()[:1]
                 print(
                     f"[book] CHAPTER FAILED: {_rel(md)}: cell {exc.cell_index} "

@@ -6,11 +6,12 @@
 * :mod:`bistochastic.profiles` -- run profiles (``ci``, ``full``) and per-chapter sizes
 * :mod:`bistochastic.book` -- chapter setup: device, seeds, reproducible random draws
 * :mod:`bistochastic.plotting` -- the book's figure style
+* :mod:`bistochastic.bench` -- side-by-side timing against POT and a plain eager loop
 """
 
 from .sinkhorn import SinkhornResult, SinkhornWarning, marginal_error, project_dsm, sinkhorn
 from . import profiles, book, plotting
-from . import birkhoff, spectral, noise, models, fixed_point, anneal, tasks
+from . import birkhoff, spectral, noise, models, fixed_point, anneal, tasks, bench
 
 __version__ = "0.1.0"
 
@@ -30,4 +31,5 @@ __all__ = [
     "fixed_point",
     "anneal",
     "tasks",
+    "bench",
 ]

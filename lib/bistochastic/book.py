@@ -6,6 +6,7 @@ from a seeded CPU generator and then moved to the device (:meth:`ChapterSetup.ra
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
@@ -63,10 +64,20 @@ class ChapterSetup:
                 f"device={self.device.type!r})")
 
 
-def setup(chapter: str, profile: str = "ci", seed: int = 0, device: str = "auto") -> ChapterSetup:
-    """Resolve the profile and device, seed every generator and apply the book's figure style."""
+def setup(chapter: str, profile: str = "ci", seed: int = 0, device: str = "auto",
+          threads: Optional[int] = None) -> ChapterSetup:
+    """Resolve the profile and device, seed every generator and apply the book's figure style.
+
+    CPU work runs on ``threads`` intra-op threads (default: ``$BOOK_THREADS``, else 1). One thread
+    makes every floating-point reduction independent of the machine's core count, so the golden
+    outputs are reproducible anywhere; the chapters' problems are small enough that more threads
+    would mostly add synchronisation overhead.
+    """
     sz = profiles.sizes(chapter, profile)
     dev = resolve_device(device)
+    if threads is None:
+        threads = int(os.environ.get("BOOK_THREADS", "1"))
+    torch.set_num_threads(max(1, int(threads)))
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

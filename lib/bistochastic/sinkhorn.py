@@ -497,11 +497,12 @@ def sinkhorn(
         Warm-start potentials in cost units, shapes ``(..., n)`` and ``(..., m)``.
     engine : {"auto", "log", "absorb"}
         Iteration engine (see the module docstring). ``"auto"`` uses ``"absorb"`` unless
-        ``grad="unroll"`` or fixed-iteration mode is on.
+        gradients are unrolled (``grad="unroll"`` with a cost that requires grad) or
+        fixed-iteration mode is on.
     momentum : None, float or "adaptive"
         Over-relaxation factor ω ∈ [1, 2) for the converging solve; ``"adaptive"`` estimates the
         linear rate from the error history and sets ω = 2/(1+√(1-rate)). Ignored in fixed mode and
-        with ``grad="unroll"``.
+        when gradients are unrolled.
     warn : bool
         Emit a :class:`SinkhornWarning` when some batch element misses ``tol``.
     check_inputs : bool
@@ -565,11 +566,12 @@ def sinkhorn(
 
     fixed = n_iter is not None
     iters = int(n_iter) if fixed else int(max_iter)
+    unrolling = grad == "unroll" and torch.is_grad_enabled() and C.requires_grad
     if engine == "auto":
-        engine = "log" if (grad == "unroll" or fixed) else "absorb"
-    mom = None if (fixed or grad == "unroll") else momentum
+        engine = "log" if (unrolling or fixed) else "absorb"
+    mom = None if (fixed or unrolling) else momentum
 
-    if grad == "unroll" and torch.is_grad_enabled() and C.requires_grad:
+    if unrolling:
         L = _Loop(C, a_, b_, eps, F0, G0)
         F, G = F0, G0
         history = []
