@@ -42,7 +42,10 @@ def main(argv=None):
     ap.add_argument("--tiny-batch", type=int, default=65536)
     ap.add_argument("--tiny-dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--json", default=None, help="also write the rows to this file")
+    ap.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     dev = torch.device(args.device)
     dtype = getattr(torch, args.dtype)

@@ -273,29 +273,37 @@ def _log_block(L: _Loop, F: Tensor, G: Tensor, k: int, omega: float) -> Tuple[Te
 def _absorb_block(
     L: _Loop, F: Tensor, G: Tensor, k: int, omega: float
 ) -> Tuple[Tensor, Tensor, bool]:
-    """``k`` scaling-domain iterations on the kernel rebuilt from (F, G), then absorption.
+    """``k`` Sinkhorn iterations, mostly in the scaling domain, then absorption into the potentials.
 
-    Returns the new potentials and whether the block stayed finite and positive.
+    The first row update and the last column update are exact log-domain steps; the ``k - 1``
+    iterations between them are matrix-vector Sinkhorn-Knopp updates on the kernel
+    ``K = exp((f ⊕ g - C)/ε)`` rebuilt from the current potentials (so ``K`` is the current plan
+    estimate, with rows summing to ``a``, and never an underflowed ``exp(-C/ε)``). Returns the new
+    potentials and whether the scalings stayed finite and positive (else the caller redoes the block
+    in the log domain).
     """
-    # One exact log-domain row update first: rows of the rebuilt kernel then sum to a exactly,
-    # which keeps the kernel away from all-zero rows.
     Z = L.Kc + G[..., None, :]
-    F = L.loga - _lse_rows(Z)
-    K = torch.exp(Z + F[..., :, None])  # current plan estimate, rows sum to a
-    u = torch.ones_like(F)
-    v = torch.ones_like(G)
-    a, b = L.a.expand_as(F), L.b.expand_as(G)
-    for _ in range(k):
-        Ktu = torch.matmul(u.unsqueeze(-2), K).squeeze(-2)
-        vn = b / Ktu
-        v = vn if omega == 1.0 else v.pow(1.0 - omega) * vn.pow(omega)
-        Kv = torch.matmul(K, v.unsqueeze(-1)).squeeze(-1)
-        un = a / Kv
-        u = un if omega == 1.0 else u.pow(1.0 - omega) * un.pow(omega)
-    # u was updated last; finish with a column update so that columns match b.
-    logu, logv = torch.log(u), torch.log(v)
-    ok = bool(torch.isfinite(logu).all() & torch.isfinite(logv).all())
-    return F + logu, G + logv, ok
+    F = L.loga - _lse_rows(Z)  # row update of iteration 1 (exact)
+    if k > 1:
+        K = torch.exp(Z + F[..., :, None])
+        u = torch.ones_like(F)
+        v = torch.ones_like(G)
+        a, b = L.a.expand_as(F), L.b.expand_as(G)
+        small = K.shape[-1] * K.shape[-2] <= 256  # elementwise beats batched GEMV on tiny matrices
+        for _ in range(k - 1):
+            Ktu = (K * u[..., :, None]).sum(-2) if small else torch.matmul(u.unsqueeze(-2), K).squeeze(-2)
+            vn = b / Ktu
+            v = vn if omega == 1.0 else v.pow(1.0 - omega) * vn.pow(omega)
+            Kv = (K * v[..., None, :]).sum(-1) if small else torch.matmul(K, v.unsqueeze(-1)).squeeze(-1)
+            un = a / Kv
+            u = un if omega == 1.0 else u.pow(1.0 - omega) * un.pow(omega)
+        logu, logv = torch.log(u), torch.log(v)
+        ok = bool(torch.isfinite(logu).all() & torch.isfinite(logv).all())
+        if not ok:
+            return F, G, False
+        F, G = F + logu, G + logv
+    G = L.g_step(F, G)  # column update of iteration k (exact): columns match b
+    return F, G, True
 
 
 def _solve_detached(
@@ -330,8 +338,6 @@ def _solve_detached(
             Fn, Gn, ok = _absorb_block(L, F, G, k, omega)
             if not ok:  # roll back, redo this block in the log domain
                 Fn, Gn = _log_block(L, F, G, k, omega)
-            # final exact column step keeps the returned plan's columns at b
-            Gn = L.g_step(Fn, Gn)
         else:
             Fn, Gn = _log_block(L, F, G, k, omega)
         F, G = Fn, Gn
@@ -497,8 +503,8 @@ def sinkhorn(
         Warm-start potentials in cost units, shapes ``(..., n)`` and ``(..., m)``.
     engine : {"auto", "log", "absorb"}
         Iteration engine (see the module docstring). ``"auto"`` uses ``"absorb"`` unless
-        gradients are unrolled (``grad="unroll"`` with a cost that requires grad) or
-        fixed-iteration mode is on.
+        gradients are unrolled (``grad="unroll"`` with a cost that requires grad). Both engines run
+        the same sweeps; in fixed-iteration mode they return the same matrix up to round-off.
     momentum : None, float or "adaptive"
         Over-relaxation factor ω ∈ [1, 2) for the converging solve; ``"adaptive"`` estimates the
         linear rate from the error history and sets ω = 2/(1+√(1-rate)). Ignored in fixed mode and
@@ -568,7 +574,7 @@ def sinkhorn(
     iters = int(n_iter) if fixed else int(max_iter)
     unrolling = grad == "unroll" and torch.is_grad_enabled() and C.requires_grad
     if engine == "auto":
-        engine = "log" if (unrolling or fixed) else "absorb"
+        engine = "log" if unrolling else "absorb"
     mom = None if (fixed or unrolling) else momentum
 
     if unrolling:
