@@ -1,0 +1,326 @@
+"""Tests of bistochastic.anneal: schedules vs closed forms, EPH-ASC behaviour, the law-enforcing rule,
+drift normalisation, the calibration oracle on the 2x2 closed form, and input validation."""
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import bistochastic as bs
+from bistochastic import anneal as A
+
+
+def _cost(n, seed, b=None):
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, n) if b is None else (b, n, n)
+    return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+def _drive(s, T):
+    """Call step() T times without a plan (open-loop)."""
+    for _ in range(T):
+        s.step()
+    return np.asarray(s.history.eps + [s.eps])
+
+
+# ---------------------------------------------------------------------------------------------
+# open-loop schedules
+
+
+@settings(max_examples=25, deadline=None)
+@given(eps0=st.floats(0.1, 5.0), alpha=st.floats(0.5, 0.999), T=st.integers(1, 200))
+def test_exponential_closed_form(eps0, alpha, T):
+    eps_min = eps0 * 0.01
+    e = _drive(A.Exponential(eps0, alpha, eps_min), T)
+    t = np.arange(T + 1)
+    np.testing.assert_allclose(e, np.maximum(eps_min, eps0 * alpha ** t), rtol=1e-12)
+
+
+def test_linear_hyperbolic_pot_ott_closed_forms():
+    T = 150
+    t = np.arange(T + 1)
+    np.testing.assert_allclose(_drive(A.Linear(2.0, 0.1, 100), T),
+                               np.where(t < 100, 2.0 - 1.9 * t / 100, 0.1), rtol=1e-12)
+    h = _drive(A.Hyperbolic(1.0, 0.5, 1e-4), T)
+    np.testing.assert_allclose(h, 1.0 / (1.0 + 0.5 * t), rtol=1e-12)
+    # hyperbolic: delta_t = k eps_t eps_{t+1} (the O(eps^2) law, exactly)
+    np.testing.assert_allclose(h[:-1] - h[1:], 0.5 * h[:-1] * h[1:], rtol=1e-10)
+    np.testing.assert_allclose(_drive(A.POTScaling(1.0, 0.01), T), 0.99 * np.exp(-t) + 0.01, rtol=1e-12)
+    o = _drive(A.OTTScaling(target=0.02, init=50.0, decay=0.9), T)
+    np.testing.assert_allclose(o, np.maximum(50.0 * 0.9 ** t, 1.0) * 0.02, rtol=1e-12)
+    c = _drive(A.Constant(0.3), 5)
+    assert np.all(c == 0.3)
+
+
+def test_open_loop_logs_drift_and_reset():
+    C = _cost(6, 0)
+    s = A.Exponential(1.0, 0.9, 0.01)
+    r = A.run_schedule(s, C, 5)
+    assert math.isnan(r.drift[0]) and np.all(np.isfinite(r.drift[1:]))
+    np.testing.assert_allclose(r.eps, s.eps_at(np.arange(5)))
+    s.reset()
+    assert s.eps == 1.0 and len(s.history) == 0 and s.t == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# drift norms
+
+
+def test_plan_drift_norms_closed_form():
+    n, B = 7, 3
+    U = torch.full((B, n, n), 1.0 / n, dtype=torch.float64)
+    I = torch.eye(n, dtype=torch.float64).expand(B, n, n)
+    # uniform row -> one-hot row: per-row drift sqrt(1 - 1/n)
+    assert A.plan_drift(I, U, "per_row") == pytest.approx(math.sqrt(1 - 1 / n), rel=1e-12)
+    assert A.plan_drift(I, U, "per_sample") == pytest.approx(math.sqrt(n - 1), rel=1e-12)
+    assert A.plan_drift(I, U, "batch") == pytest.approx(math.sqrt(B * (n - 1)), rel=1e-12)
+    # per_row is invariant to the mass convention (probability vs unit sums)
+    assert A.plan_drift(I / n, U / n, "per_row") == pytest.approx(math.sqrt(1 - 1 / n), rel=1e-12)
+
+
+def test_duplicating_batch_scales_batch_norm_only():
+    C = _cost(8, 1, b=3)
+    P0 = A.solve_plan(C, 1.0).plan
+    P1 = A.solve_plan(C, 0.9).plan
+    D0, D1 = torch.cat([P0, P0]), torch.cat([P1, P1])
+    assert A.plan_drift(D1, D0, "batch") == pytest.approx(math.sqrt(2) * A.plan_drift(P1, P0, "batch"), rel=1e-12)
+    for norm in ("per_sample", "per_row"):
+        assert A.plan_drift(D1, D0, norm) == pytest.approx(A.plan_drift(P1, P0, norm), rel=1e-12)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: A.EPHASC(k_safe=0.3, drift_norm="per_sample"),
+    lambda: A.EPHASC(k_safe=0.1, drift_norm="per_row"),
+    lambda: A.SpeedLimit(k=0.3),
+])
+def test_per_sample_decisions_do_not_depend_on_batch_size(make):
+    C = _cost(8, 2, b=2)
+    r1 = A.run_schedule(make(), C, 100)
+    r2 = A.run_schedule(make(), torch.cat([C, C, C]), 100)
+    assert r1.pattern == r2.pattern
+    np.testing.assert_allclose(r1.eps, r2.eps, rtol=1e-9)
+
+
+def test_batch_norm_decisions_do_depend_on_batch_size():
+    C = _cost(8, 2, b=2)
+    r1 = A.run_schedule(A.EPHASC(k_safe=0.5), C, 120)
+    r2 = A.run_schedule(A.EPHASC(k_safe=0.5), torch.cat([C] * 8), 120)
+    # the same plans drift sqrt(8) times more in the batch norm: more braking, slower cooling
+    assert r2.brake.sum() > r1.brake.sum()
+    assert r2.eps[-1] >= r1.eps[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# EPH-ASC
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_ephasc_fixed_cost_alternation(seed):
+    C = _cost(10, seed)
+    k = 0.5
+    r = A.run_schedule(A.EPHASC(1.0, 0.95, 0.01, k), C, 300)
+    # first call stores, then c...c (Bc)^m c...c then '-' at eps_min: c...c(cB)^m c...c
+    assert re.fullmatch(r"-c+(Bc)*B?c*-*", r.pattern) and "BcB" in r.pattern, r.pattern
+    idx = np.flatnonzero(r.brake)
+    # every brake is a violation of the law caused by the cooling step before it
+    assert np.all(r.drift[idx] > k * r.eps[idx])
+    assert np.all(r.step[idx - 1] > 0)
+    # a held step has zero drift (same cost, same eps, deterministic cold start), so the next cools
+    assert np.all(r.drift[idx + 1] == 0) and not np.any(r.brake[idx + 1])
+    # closed form of a cooling step
+    cool = r.step > 0
+    np.testing.assert_allclose(r.eps[1:][cool[:-1]], np.maximum(0.01, 0.95 * r.eps[:-1][cool[:-1]]))
+    assert r.eps[-1] == pytest.approx(0.01)
+
+
+def test_ephasc_first_call_and_plan_required():
+    s = A.EPHASC()
+    with pytest.raises(ValueError, match="plan"):
+        s.step()
+    P = A.solve_plan(_cost(4, 0), 1.0).plan
+    assert s.step(P) == 1.0  # first call never cools
+    assert s.step(P) == pytest.approx(0.95)  # zero drift: cool
+
+
+def test_ephasc_fresh_costs_brakes_always():
+    # independent costs: O(1) drift at every step, far above k_safe * eps
+    g = torch.Generator().manual_seed(0)
+    costs = [torch.randn(1, 10, 10, generator=g, dtype=torch.float64) for _ in range(60)]
+    r = A.run_schedule(A.EPHASC(k_safe=0.5), costs, 60)
+    assert r.brake[1:].all() and np.all(r.eps == 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the law-enforcing rule
+
+
+@pytest.mark.parametrize("n,seed,k,alpha,n_iter,eps_min", [(6, 0, 0.5, 0.95, 20, 0.01), (10, 1, 0.2, 0.9, 20, 0.02),
+                                                            (12, 3, 1.0, 0.8, 20, 0.01), (8, 2, 0.3, 0.95, 100, 0.05)])
+def test_speed_limit_enforces_law_every_step(n, seed, k, alpha, n_iter, eps_min):
+    C = _cost(n, seed)
+    r = A.run_schedule(A.SpeedLimit(1.0, alpha, eps_min, k), C, 800, n_iter=n_iter)
+    d = r.obs_drift[1:]
+    assert np.all(d <= k * r.eps[1:]), np.max(d / r.eps[1:])
+    assert r.eps[-1] == pytest.approx(eps_min)  # and it does not stall on a fixed cost
+
+
+def test_speed_limit_steps_are_order_eps_squared_when_binding():
+    C = _cost(10, 4)
+    s = A.SpeedLimit(1.0, 0.95, 0.01, 0.2)
+    r = A.run_schedule(s, C, 300)
+    h = s.history.as_arrays()
+    bind = r.brake & np.isfinite(h["sensitivity"]) & (r.step > 0)
+    bind[0] = False
+    # delta = m k eps^2 / (s_pred + m k eps) <= m k eps^2 / s_hat
+    assert bind.sum() > 10
+    lhs = r.step[bind]
+    rhs = s.margin * s.k * r.eps[bind] ** 2 / h["sensitivity"][bind]
+    assert np.all(lhs <= rhs * (1 + 1e-9))
+    assert np.all(r.step <= (1 - 0.95) * r.eps + 1e-15)
+
+
+def test_speed_limit_separate_cost_drift_matches_on_fixed_cost():
+    C = _cost(8, 5, b=2)
+    r1 = A.run_schedule(A.SpeedLimit(k=0.3), C, 100)
+    s2 = A.SpeedLimit(k=0.3, separate_cost_drift=True)
+    r2 = A.run_schedule(s2, C, 100, pass_cost=True)
+    np.testing.assert_allclose(r1.eps, r2.eps, rtol=1e-9)
+    cd = np.asarray(s2.cost_drift)
+    assert np.nanmax(cd) < 1e-12  # a fixed cost has no cost drift
+
+
+def test_speed_limit_separates_cost_drift():
+    # each step adds the same independent cost perturbation; with separation the rule keeps cooling
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(2, 8, 8, generator=g, dtype=torch.float64)
+    costs = [base + 0.3 * torch.randn(2, 8, 8, generator=g, dtype=torch.float64) for _ in range(150)]
+    r1 = A.run_schedule(A.SpeedLimit(k=0.3), costs, 150)
+    r2 = A.run_schedule(A.SpeedLimit(k=0.3, separate_cost_drift=True), costs, 150, pass_cost=True)
+    assert r2.eps[-1] < r1.eps[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# spectral gap and the oracle: the 2x2 closed form
+
+
+def _two_by_two(theta):
+    return torch.tensor([[0.0, theta / 2], [theta / 2, 0.0]], dtype=torch.float64)
+
+
+def test_sinkhorn_gap_two_by_two_and_dense():
+    theta = 1.3
+    C = _two_by_two(theta)
+    for eps in (2.0, 0.5, 0.2):
+        P = A.solve_plan(C, eps, n_iter=None, tol=1e-13).plan
+        assert float(A.sinkhorn_gap(P)) == pytest.approx(1 / math.cosh(theta / (4 * eps)) ** 2, rel=1e-9)
+    # general N, uniform marginals: J = N^2 P^T P for probability-normalised P
+    C = _cost(7, 7)
+    P = A.solve_plan(C, 0.4, n_iter=None, tol=1e-13).plan / 7
+    lam = np.sort(np.linalg.eigvals((49 * P.T @ P).numpy()).real)
+    assert float(A.sinkhorn_gap(P)) == pytest.approx(1 - lam[-2], rel=1e-9)
+
+
+def test_calibration_oracle_two_by_two_closed_form():
+    theta, K, e_tol, alpha, m = 1.0, 20, 1e-4, 0.9, 2
+    res = A.calibrate_k_safe(_two_by_two(theta), eps0=1.0, eps_min=0.02, alpha=alpha, substeps=m, K=K,
+                             tolerated_error=e_tol, tol=1e-13)
+    eps = res.eps
+    np.testing.assert_allclose(eps, alpha ** (np.arange(len(eps)) / m), rtol=1e-12)
+    p = 1 / (1 + np.exp(-theta / (2 * eps)))
+    gamma = 1 / np.cosh(theta / (4 * eps)) ** 2
+    np.testing.assert_allclose(res.gamma, gamma, rtol=1e-8, atol=1e-13)
+    # per-row drift of the 2x2 plan: sqrt(2)|dp|
+    adr = np.full_like(eps, np.nan)
+    adr[:-m] = math.sqrt(2) * np.abs(p[m:] - p[:-m])
+    np.testing.assert_allclose(res.alpha_drift, adr, rtol=1e-7, atol=1e-12)
+    rhoK = (1 - gamma) ** K
+    amp = rhoK / (1 - rhoK)
+    kb = e_tol / (amp * eps)
+    r = gamma / eps
+    win = np.ones_like(eps, dtype=bool)
+    below = np.flatnonzero((r < 0.5 * r.max()) & (np.arange(len(eps)) > np.argmax(r)))
+    if below.size:
+        win[below[0]:] = False
+    assert np.array_equal(res.window, win) and res.eps_window == eps[win].min()
+    active = np.isfinite(adr) & (amp * adr > e_tol) & win
+    assert np.array_equal(res.active, active) and active.any()
+    assert res.k_safe == pytest.approx(np.min(kb[active]), rel=1e-6)
+    np.testing.assert_allclose(res.rho_K, rhoK, rtol=1e-6)
+    assert res.converged.all()
+
+
+def test_calibration_linear_regime_prediction():
+    # c fitted in the window: k_linear = K c e_tol, with gamma ~ c eps there
+    res = A.calibrate_k_safe(_cost(10, 8), eps0=1.0, eps_min=0.1, alpha=0.9, substeps=2, K=20,
+                             tolerated_error=0.05)
+    assert res.k_linear == pytest.approx(20 * res.c * 0.05)
+    win = res.gamma / res.eps >= 0.5 * np.max(res.gamma / res.eps)
+    assert np.all(np.abs(res.gamma[win] / (res.c * res.eps[win]) - 1) < 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# overhead
+
+
+def test_overhead_flops_model():
+    f = A.overhead_flops(64, 32, 20)
+    assert f["drift"] == 3 * 32 * 64 ** 2
+    assert f["passes_ratio"] == pytest.approx(1 / 40)
+    # the spectral diagnostic overtakes the layer at N of order 10 K * 3/10 * ... : ratio grows like N
+    r = [A.overhead_flops(n, 32, 20)["spectral_over_sinkhorn"] for n in (10, 100, 1000)]
+    assert r[1] / r[0] == pytest.approx(10) and r[2] / r[1] == pytest.approx(10)
+
+
+def test_time_overhead_runs():
+    t = A.time_overhead(8, B=2, K=5, reps=1)
+    assert set(t) == {"drift", "sinkhorn", "spectral"} and all(v > 0 for v in t.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+@pytest.mark.parametrize("ctor,match", [
+    (lambda: A.Exponential(1.0, 1.5), "alpha"),
+    (lambda: A.Exponential(-1.0), "eps0"),
+    (lambda: A.Exponential(1.0, 0.9, 2.0), "eps_min"),
+    (lambda: A.Linear(1.0, 0.1, 0), "n_steps"),
+    (lambda: A.Hyperbolic(1.0, -1.0), "k"),
+    (lambda: A.POTScaling(1.0, 2.0), "eps_target"),
+    (lambda: A.OTTScaling(decay=1.5), "decay"),
+    (lambda: A.EPHASC(k_safe=0.0), "k_safe"),
+    (lambda: A.EPHASC(drift_norm="max"), "drift_norm"),
+    (lambda: A.SpeedLimit(margin=2.0), "margin"),
+    (lambda: A.SpeedLimit(smoothing=1.0), "smoothing"),
+])
+def test_bad_constructor_args(ctor, match):
+    with pytest.raises(ValueError, match=match):
+        ctor()
+
+
+def test_bad_step_and_function_inputs():
+    s = A.EPHASC()
+    P = A.solve_plan(_cost(4, 0), 1.0).plan
+    s.step(P)
+    with pytest.raises(ValueError, match="plan"):
+        s.step(P[:3, :3])
+    with pytest.raises(ValueError, match="plan"):
+        s.step("not a tensor")
+    with pytest.raises(ValueError, match="cost"):
+        s.step(P, cost=torch.zeros(3, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="norm"):
+        A.plan_drift(P, P, "max")
+    with pytest.raises(ValueError, match="eps_min"):
+        A.calibrate_k_safe(_cost(4, 0), eps0=0.1, eps_min=0.2)
+    with pytest.raises(ValueError, match="n_steps"):
+        A.run_schedule(A.Constant(1.0), _cost(4, 0), 0)
+    with pytest.raises(ValueError, match="scheduler"):
+        A.run_schedule("exp", _cost(4, 0), 3)
+    with pytest.raises(ValueError, match="N"):
+        A.overhead_flops(0)
+    with pytest.raises(ValueError, match="t"):
+        A.Exponential().eps_at(-1)
