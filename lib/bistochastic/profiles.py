@@ -90,9 +90,9 @@ TABLE: Dict[str, Dict[str, Dict[str, Any]]] = {
                  "max_iter": 200000},
     },
     "10_sensitivity": {
-        "ci": {"n": 6, "tie_scale": 1e-3, "eps_top": 31.6, "eps_min": 1e-3, "n_eps": 37,
+        "ci": {"n": 6, "tie_scale": 1e-3, "eps_top": 31.6, "gap_depth": 30.0, "n_eps": 37,
                "fd_eps": 0.1, "fd_h": 1e-6, "unit_scale": 10.0},
-        "full": {"n": 10, "tie_scale": 1e-3, "eps_top": 100.0, "eps_min": 1e-3, "n_eps": 73,
+        "full": {"n": 6, "tie_scale": 1e-3, "eps_top": 100.0, "gap_depth": 30.0, "n_eps": 81,
                  "fd_eps": 0.1, "fd_h": 1e-6, "unit_scale": 10.0},
     },
     "11_contraction_resolvent": {
