@@ -28,7 +28,7 @@ import sys
 
 import torch
 
-from bistochastic.bench import bench_dense, bench_tiny, copy_bandwidth, ot
+from bistochastic.bench import bench_dense, bench_tiny, copy_bandwidth, pot_version
 
 
 def main(argv=None):
@@ -50,7 +50,7 @@ def main(argv=None):
     dev = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     bw = copy_bandwidth(dev, dtype)
-    print(f"# torch {torch.__version__}, POT {getattr(ot, '__version__', 'absent')}, device {dev}, "
+    print(f"# torch {torch.__version__}, POT {pot_version()}, device {dev}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print(f"# measured copy bandwidth: {bw / 1e9:.1f} GB/s (read+write)")
     rows = []

@@ -19,13 +19,22 @@ import torch
 
 from .sinkhorn import marginal_error, project_dsm, sinkhorn
 
-__all__ = ["sync", "timeit", "copy_bandwidth", "make_problem", "plain_log_sinkhorn", "bench_dense", "bench_tiny"]
+__all__ = ["pot_version", "sync", "timeit", "copy_bandwidth", "make_problem", "plain_log_sinkhorn", "bench_dense", "bench_tiny"]
 
-try:  # POT is a test/benchmark dependency, not a library one
-    import ot
-    import ot.batch
-except ImportError:  # pragma: no cover
-    ot = None
+def _pot():
+    """POT, imported on first use (a test/benchmark dependency, and slow to import); None if absent."""
+    try:
+        import ot
+        import ot.batch  # noqa: F401
+    except ImportError:  # pragma: no cover
+        return None
+    return ot
+
+
+def pot_version() -> str:
+    """POT's version string, or "absent"."""
+    ot = _pot()
+    return getattr(ot, "__version__", "absent")
 
 
 def sync(dev: torch.device) -> None:
@@ -114,6 +123,7 @@ def bench_dense(n, eps, tol, dtype, dev, reps, bw, max_iter=100000) -> Dict[str,
     row.update(plain_s=t, plain_its=its, plain_ms_per_it=t / its * 1e3, plain_err=err)
 
     # POT sinkhorn_log, torch backend, exactly the iterations its algorithm needs
+    ot = _pot()
     if ot is not None:
         def pot():
             with warnings.catch_warnings():
@@ -155,6 +165,7 @@ def bench_tiny(B, n, iters, dtype, dev, reps, bw, tau=1.0) -> Dict[str, Any]:
     row["plain_ms"] = t * 1e3
     assert torch.allclose(P, r_log.plan, atol=1e-5), "plain loop and bistochastic disagree"
     assert torch.allclose(r_abs.plan, r_log.plan, atol=1e-4), "engines disagree"
+    ot = _pot()
     if ot is not None:
         ones = torch.ones(B, n, dtype=dtype, device=dev)
 

@@ -117,6 +117,20 @@ class SinkhornResult:
 # validation
 
 
+def _broadcast_shapes(*shapes) -> torch.Size:
+    """NumPy broadcasting of shapes (``torch.broadcast_shapes`` imports sympy: seconds on first use)."""
+    nd = max((len(s) for s in shapes), default=0)
+    out = [1] * nd
+    for s in shapes:
+        for i, d in enumerate(tuple(s)[::-1]):
+            j = nd - 1 - i
+            if d != 1:
+                if out[j] not in (1, d):
+                    raise RuntimeError(f"shapes {shapes} are not broadcastable")
+                out[j] = d
+    return torch.Size(out)
+
+
 def _check_finite(name: str, x: Tensor) -> None:
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"`{name}` contains NaN or inf; Sinkhorn needs finite inputs")
@@ -181,7 +195,7 @@ def _validate(
                 f"{tuple(cost.shape)}; got shape {tuple(x.shape)}"
             )
         try:
-            torch.broadcast_shapes(x.shape[:-1], batch)
+            _broadcast_shapes(x.shape[:-1], batch)
         except RuntimeError as exc:
             raise ValueError(
                 f"`{name}` batch shape {tuple(x.shape[:-1])} does not broadcast with the cost's "
@@ -544,9 +558,9 @@ def sinkhorn(
     C, a_, b_, eps = _validate(cost, eps, a, b, check_inputs)
     batch = C.shape[:-2]
     n, m = C.shape[-2], C.shape[-1]
-    bshape_a = torch.broadcast_shapes(batch, a_.shape[:-1]) + (n,)
-    bshape_b = torch.broadcast_shapes(batch, b_.shape[:-1]) + (m,)
-    full_batch = torch.broadcast_shapes(bshape_a[:-1], bshape_b[:-1], batch)
+    bshape_a = _broadcast_shapes(batch, a_.shape[:-1]) + (n,)
+    bshape_b = _broadcast_shapes(batch, b_.shape[:-1]) + (m,)
+    full_batch = _broadcast_shapes(bshape_a[:-1], bshape_b[:-1], batch)
     if full_batch != batch:
         C = C.expand(full_batch + (n, m))
         batch = full_batch
