@@ -65,22 +65,22 @@ TABLE: Dict[str, Dict[str, Dict[str, Any]]] = {
     },
     "07_layernorm": {
         "ci": {"n": 64, "d": 32, "layers": 12, "tau": 1.0, "eta": 1e-6, "n_check": 2000},
-        "full": {"n": 256, "d": 128, "layers": 24, "tau": 1.0, "eta": 1e-6, "n_check": 100000},
+        "full": {"n": 256, "d": 128, "layers": 16, "tau": 1.0, "eta": 1e-6, "n_check": 100000},
     },
     "08_residual_stagnation": {
         "ci": {"n": 64, "layers": 32, "tau": 10.0, "alphas": (0.01, 0.05, 0.1, 0.3, 0.5), "n_alpha_grid": 13,
                "d_branch": 16, "taus_branch": (0.3, 1.0, 10.0), "layers_branch": 16,
                "n_jac": 12, "jac_tau_range": (0.1, 100.0), "n_jac_tau": 10,
                "mhc_taus": (0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0), "mhc_layers": 16, "mhc_iters": 20},
-        "full": {"n": 256, "layers": 64, "tau": 10.0, "alphas": (0.01, 0.05, 0.1, 0.3, 0.5), "n_alpha_grid": 41,
+        "full": {"n": 256, "layers": 32, "tau": 10.0, "alphas": (0.01, 0.05, 0.1, 0.3, 0.5), "n_alpha_grid": 41,
                  "d_branch": 128, "taus_branch": (0.3, 1.0, 10.0), "layers_branch": 64,
-                 "n_jac": 32, "jac_tau_range": (0.05, 100.0), "n_jac_tau": 30,
+                 "n_jac": 32, "jac_tau_range": (0.1, 100.0), "n_jac_tau": 30,
                  "mhc_taus": (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0), "mhc_layers": 64, "mhc_iters": 20},
     },
     "09_dsm_vs_softmax": {
         "ci": {"n": 32, "seeds": 3, "layers": 16, "tau_range": (0.25, 30.0), "n_tau": 9,
                "fixed_taus": (0.02, 0.05, 0.1, 0.2, 0.5, 1.0), "fixed_iters": 20, "fixed_batch": 8},
-        "full": {"n": 256, "seeds": 10, "layers": 16, "tau_range": (0.1, 30.0), "n_tau": 21,
+        "full": {"n": 128, "seeds": 10, "layers": 16, "tau_range": (0.25, 30.0), "n_tau": 21,
                  "fixed_taus": (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0), "fixed_iters": 20, "fixed_batch": 64},
     },
     "09b_tradeoff": {
