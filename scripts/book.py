@@ -44,8 +44,12 @@ def chapters(selection: list[str] | None = None, book: Path | None = None) -> li
             found.append(md)
     if selection:
         sel = [s.strip() for s in selection if s.strip()]
-        chosen = [p for p in found if any(p.stem == s or p.stem.startswith(s + "_") or p.stem.startswith(s) for s in sel)]
-        missing = [s for s in sel if not any(p.stem.startswith(s) for p in chosen)]
+        # "09" selects 09_dsm_vs_softmax, not 09b_tradeoff; a full stem selects exactly that chapter
+        def hit(stem: str, s: str) -> bool:
+            return stem == s or stem.startswith(s + "_")
+
+        chosen = [p for p in found if any(hit(p.stem, s) for s in sel)]
+        missing = [s for s in sel if not any(hit(p.stem, s) for p in chosen)]
         if missing:
             sys.exit(f"error: no chapter matches {missing}; chapters are {[p.stem for p in found]}")
         return chosen
