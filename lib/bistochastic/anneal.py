@@ -593,9 +593,13 @@ def solve_plan(cost: Tensor, eps: float, *, n_iter: Optional[int] = 20, init=Non
 
 
 def row_entropy(plan: Tensor) -> float:
-    """Mean row entropy ``−Σ_j P_ij log P_ij`` (nats) of a unit-row-sum plan, over rows and batch."""
-    P = _check_plan("plan", plan)
-    return float(-(torch.special.xlogy(P, P)).sum(-1).mean())
+    """Mean row entropy ``−Σ_j P_ij log P_ij`` (nats) of a plan, over rows and batch (a float).
+
+    The per-problem version is :func:`bistochastic.tasks.row_entropy`.
+    """
+    from .tasks import row_entropy as _row_entropy
+
+    return float(_row_entropy(_check_plan("plan", plan)).mean())
 
 
 @dataclass
@@ -718,23 +722,19 @@ def run_schedule(
 
 
 def sinkhorn_gap(plan: Tensor) -> Tensor:
-    """Spectral gap ``γ = 1 − λ₂(J)`` of the Sinkhorn map at a (converged) plan, by a dense eigen-solve.
+    """Spectral gap ``γ = 1 − λ₂(J)`` of the Sinkhorn map at a (converged) plan, dense, O(N³) per plan.
 
-    ``J = D_b⁻¹ Pᵀ D_a⁻¹ P`` with ``a = P1``, ``b = Pᵀ1``, the Jacobian of one Sinkhorn iteration
-    in log-potentials; for uniform marginals (probability sums) ``J = N²PᵀP``. It is similar to the
-    symmetric ``S = D_b^{-1/2}PᵀD_a⁻¹PD_b^{-1/2}``, whose eigenvalues are computed. Cost O(N³) per plan.
+    ``J = D_b⁻¹ Pᵀ D_a⁻¹ P`` with ``a = P1``, ``b = Pᵀ1`` (for uniform probability marginals
+    ``J = N²PᵀP``); computed by :func:`bistochastic.fixed_point.spectral_gap` (``method="dense"``).
 
     Shapes: ``plan (..., N, M)`` → ``(...)``.
     """
+    from .fixed_point import spectral_gap
+
     P = _check_plan("plan", plan)
-    a = P.sum(-1)
-    b = P.sum(-2)
-    if bool((a <= 0).any()) or bool((b <= 0).any()):
+    if bool((P.sum(-1) <= 0).any()) or bool((P.sum(-2) <= 0).any()):
         raise ValueError("`plan` must have positive row and column sums")
-    Q = P / a.sqrt()[..., :, None] / b.sqrt()[..., None, :]  # D_a^{-1/2} P D_b^{-1/2}
-    S = Q.transpose(-1, -2) @ Q
-    lam = torch.linalg.eigvalsh(S)  # ascending
-    return 1.0 - lam[..., -2]
+    return spectral_gap(P, method="dense")
 
 
 @dataclass

@@ -505,9 +505,10 @@ def dsm_entropy(M: Tensor, normalized: bool = False) -> Tensor:
     _check_square("M", M)
     if bool((M < 0).any()):
         raise ValueError("`M` has negative entries; the entropy needs a nonnegative matrix")
+    from .birkhoff import entropy
+
     n = M.shape[-1]
-    logM = torch.where(M > 0, torch.log(torch.where(M > 0, M, torch.ones_like(M))), torch.zeros_like(M))
-    H = -(M * logM).sum((-2, -1))
+    H = entropy(M)
     if normalized:
         if n == 1:
             raise ValueError("`normalized=True` needs n >= 2 (n log n = 0 for n = 1)")
