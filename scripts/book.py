@@ -60,6 +60,17 @@ def _jupytext(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "jupytext", "--quiet", *args], check=True, cwd=ROOT)
 
 
+def _stable_ids(nb_path: Path) -> None:
+    """Cell ids derived from position and source, so that re-recording does not churn them."""
+    import hashlib
+
+    nb = json.loads(nb_path.read_text(encoding="utf-8"))
+    for i, cell in enumerate(nb.get("cells", [])):
+        src = "".join(cell.get("source", ""))
+        cell["id"] = f"c{i:03d}-" + hashlib.sha1(src.encode("utf-8")).hexdigest()[:8]
+    nb_path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def _strip_volatile(nb_path: Path) -> None:
     nb = json.loads(nb_path.read_text(encoding="utf-8"))
     for k in _VOLATILE_NB_KEYS:
@@ -148,6 +159,7 @@ def record(selection: list[str] | None) -> int:
     for md in chapters(selection):
         golden = BOOK / f"{md.stem}.ipynb"
         shutil.copyfile(out / "book" / f"{md.stem}.ipynb", golden)
+        _stable_ids(golden)
         # re-derive inputs from the .md so that the pair is byte-for-byte in sync
         _jupytext("--to", "ipynb", "--update", "--output", str(golden), str(md))
         print(f"[book] recorded {_rel(golden)}", flush=True)
