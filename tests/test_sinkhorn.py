@@ -78,20 +78,36 @@ def test_batched_matches_loop_and_tracks_convergence_per_element():
 # --------------------------------------------------------------------------- DSM properties
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(n=st.integers(2, 24), tau=st.floats(0.05, 20.0), seed=st.integers(0, 10_000),
        scale=st.floats(0.1, 5.0))
 def test_project_dsm_properties(n, tau, seed, scale):
+    """What the solver guarantees for any input, converged or not (some low-temperature problems
+    contract at a rate 1 - O(e^{-range/tau}) and legitimately miss the tolerance)."""
     logits = scale * torch.randn(n, n, generator=_gen(seed), dtype=F64)
-    res = bs.project_dsm(logits, tau=tau, tol=1e-10, max_iter=50_000)
+    res = bs.project_dsm(logits, tau=tau, tol=1e-10, max_iter=20_000, warn=False)
     M = res.plan
-    assert bool(res.converged)
-    assert (M >= 0).all()
-    torch.testing.assert_close(M.sum(-1), torch.ones(n, dtype=F64), atol=1e-9 * n, rtol=0)
-    torch.testing.assert_close(M.sum(-2), torch.ones(n, dtype=F64), atol=1e-9 * n, rtol=0)
+    err = float(res.marginal_error)
+    assert torch.isfinite(M).all() and (M >= 0).all()
+    row = float((M.sum(-1) - 1).abs().sum()) / n
+    col = float((M.sum(-2) - 1).abs().sum()) / n
+    assert abs(max(row, col) - err) <= 1e-12, "the reported error is the returned matrix's error"
+    assert col <= 1e-12, "the last update is a column update: columns are exact"
+    assert bool(res.converged) == (err <= 1e-10)
+    # Schur: ||M||_2 <= sqrt(||M||_1 ||M||_inf), and the row sums are 1 up to n * err
     sv = torch.linalg.svdvals(M)
-    assert abs(float(sv[0]) - 1.0) < 1e-8
-    assert float(sv[1]) <= 1.0 + 1e-8
+    slack = 1e-9 + n * err
+    assert abs(float(sv[0]) - 1.0) <= slack
+    assert float(sv[1]) <= 1.0 + slack
+
+
+def test_project_dsm_converges_to_tolerance_at_moderate_temperature():
+    logits = torch.randn(20, 16, 16, generator=_gen(2), dtype=F64)
+    res = bs.project_dsm(logits, tau=0.5, tol=1e-12, max_iter=50_000)
+    assert res.all_converged
+    ones = torch.ones(20, 16, dtype=F64)
+    torch.testing.assert_close(res.plan.sum(-1), ones, atol=1e-11, rtol=0)
+    torch.testing.assert_close(res.plan.sum(-2), ones, atol=1e-11, rtol=0)
 
 
 def test_project_dsm_matches_alternating_normalisation():
