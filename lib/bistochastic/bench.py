@@ -19,7 +19,7 @@ import torch
 
 from .sinkhorn import marginal_error, project_dsm, sinkhorn
 
-__all__ = ["pot_version", "sync", "timeit", "copy_bandwidth", "make_problem", "plain_log_sinkhorn", "bench_dense", "bench_tiny"]
+__all__ = ["autograd_saved_bytes", "textbook_sinkhorn_knopp", "pot_version", "sync", "timeit", "copy_bandwidth", "make_problem", "plain_log_sinkhorn", "bench_dense", "bench_tiny"]
 
 def _pot():
     """POT, imported on first use (a test/benchmark dependency, and slow to import); None if absent."""
@@ -29,6 +29,33 @@ def _pot():
     except ImportError:  # pragma: no cover
         return None
     return ot
+
+
+def autograd_saved_bytes(fn: Callable[[], Any]) -> int:
+    """Bytes that autograd saves for the backward pass while ``fn()`` runs (the memory a backward
+    pass will need), counted with ``torch.autograd.graph.saved_tensors_hooks``."""
+    total = []
+
+    def pack(t):
+        total.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return int(sum(total))
+
+
+def textbook_sinkhorn_knopp(C: torch.Tensor, eps: float, a: torch.Tensor, b: torch.Tensor,
+                            n_iter: int) -> torch.Tensor:
+    """The scaling-domain iteration as textbooks write it, ``u = a/(Kv)``, ``v = b/(Kᵀu)`` on
+    ``K = exp(-C/ε)``, with no stabilisation: the reference that shows why the log domain is needed
+    (it underflows and returns NaN at small ε). Shapes: ``C (n, m)``, ``a (n,)``, ``b (m,)``."""
+    K = torch.exp(-C / eps)
+    u, v = torch.ones_like(a), torch.ones_like(b)
+    for _ in range(n_iter):
+        u = a / (K @ v)
+        v = b / (K.T @ u)
+    return u[:, None] * K * v[None, :]
 
 
 def pot_version() -> str:
