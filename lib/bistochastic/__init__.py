@@ -3,6 +3,13 @@
 ``import bistochastic as bs``. Modules, one per concept:
 
 * :mod:`bistochastic.sinkhorn` -- the entropic-OT / DSM solver (``sinkhorn``, ``project_dsm``)
+* :mod:`bistochastic.birkhoff` -- the Birkhoff polytope: DSM checks, BvN decomposition, entropy
+* :mod:`bistochastic.spectral` -- sigma_2, depth products, effective depth, frequency content
+* :mod:`bistochastic.noise` -- SNR on the detail subspace, the finite-n bound, LayerNorm
+* :mod:`bistochastic.models` -- the configurable DSM-mixing stack (and its Softmax variant)
+* :mod:`bistochastic.fixed_point` -- Jacobian, spectral gap, resolvent, sensitivity of the fixed point
+* :mod:`bistochastic.anneal` -- epsilon schedulers, EPH-ASC, the law-enforcing rule, k_safe oracle
+* :mod:`bistochastic.tasks` -- the synthetic permutation-learning task
 * :mod:`bistochastic.profiles` -- run profiles (``ci``, ``full``) and per-chapter sizes
 * :mod:`bistochastic.book` -- chapter setup: device, seeds, reproducible random draws
 * :mod:`bistochastic.plotting` -- the book's figure style
