@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._checks import positive_finite
 from .sinkhorn import SinkhornWarning, sinkhorn
 
 __all__ = [
@@ -91,14 +92,7 @@ _NORMS = ("batch", "per_sample", "per_row")
 # validation helpers
 
 
-def _pos(name: str, x) -> float:
-    try:
-        v = float(x)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"`{name}` must be a positive finite number; got {x!r}") from exc
-    if not (math.isfinite(v) and v > 0):
-        raise ValueError(f"`{name}` must be a positive finite number; got {x!r}")
-    return v
+_pos = positive_finite
 
 
 def _unit(name: str, x) -> float:

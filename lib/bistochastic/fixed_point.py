@@ -36,6 +36,7 @@ from typing import Callable, Literal, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ._checks import positive_finite
 from .sinkhorn import SinkhornResult, SinkhornWarning, marginal_error, sinkhorn
 
 __all__ = [
@@ -90,13 +91,7 @@ def _check_plan(plan: Tensor, name: str = "plan") -> Tensor:
 
 
 def _check_eps(eps: float) -> float:
-    try:
-        e = float(eps)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"`eps` must be a positive finite number; got {eps!r}") from exc
-    if not math.isfinite(e) or e <= 0:
-        raise ValueError(f"`eps` must be a positive finite number; got {eps!r}")
-    return e
+    return positive_finite("eps", eps)
 
 
 def _check_coords(coords: str) -> None:

@@ -38,6 +38,8 @@ from typing import Literal, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from ._checks import positive_finite
+
 __all__ = [
     "SinkhornResult",
     "SinkhornWarning",
@@ -173,12 +175,7 @@ def _validate(
         if eps.numel() != 1:
             raise ValueError("`eps` must be a scalar")
         eps = float(eps)
-    try:
-        eps = float(eps)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"`eps` must be a positive finite number; got {eps!r}") from exc
-    if not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"`eps` must be a positive finite number; got {eps!r}")
+    eps = positive_finite("eps", eps)
     cdtype = _compute_dtype(cost.dtype)
     C = cost.to(cdtype)
     if check_inputs:
@@ -692,12 +689,7 @@ def project_dsm(logits: Tensor, tau: float = 1.0, **kw) -> SinkhornResult:
         raise ValueError(f"`logits` must be square, shape (..., n, n); got {tuple(logits.shape)}")
     if "a" in kw or "b" in kw:
         raise ValueError("project_dsm fixes the marginals to ones; use sinkhorn() for other marginals")
-    try:
-        tau_ok = math.isfinite(float(tau)) and float(tau) > 0
-    except (TypeError, ValueError):
-        tau_ok = False
-    if not tau_ok:
-        raise ValueError(f"`tau` must be a positive finite number; got {tau!r}")
+    positive_finite("tau", tau)
     n = logits.shape[-1]
     cdtype = _compute_dtype(logits.dtype)
     ones = torch.ones(n, dtype=cdtype, device=logits.device)

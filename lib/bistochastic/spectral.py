@@ -17,6 +17,8 @@ from typing import Callable, Literal, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from ._checks import positive_finite
+
 __all__ = [
     "AUTO_EXACT_MAX_N",
     "double_center",
@@ -528,13 +530,7 @@ def first_order_dsm(logits: Tensor, tau: float) -> Tensor:
 
 
 def _check_tau(tau) -> float:
-    try:
-        t = float(tau)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"`tau` must be a positive finite number; got {tau!r}") from exc
-    if not (math.isfinite(t) and t > 0):
-        raise ValueError(f"`tau` must be a positive finite number; got {tau!r}")
-    return t
+    return positive_finite("tau", tau)
 
 
 def first_order_sigma2(logits: Tensor, tau: Union[float, Tensor]) -> Tensor:
