@@ -14,11 +14,12 @@
 * :mod:`bistochastic.book` -- chapter setup: device, seeds, reproducible random draws
 * :mod:`bistochastic.plotting` -- the book's figure style
 * :mod:`bistochastic.bench` -- side-by-side timing against POT and a plain eager loop
+* :mod:`bistochastic.stats` -- effect sizes with intervals over seeds, equivalence tests (TOST)
 """
 
 from .sinkhorn import SinkhornResult, SinkhornWarning, marginal_error, project_dsm, sinkhorn
 from . import profiles, book, plotting
-from . import birkhoff, spectral, noise, models, fixed_point, anneal, tasks, bench
+from . import birkhoff, spectral, noise, models, fixed_point, anneal, tasks, bench, stats
 
 __version__ = "0.1.0"
 
@@ -39,4 +40,5 @@ __all__ = [
     "anneal",
     "tasks",
     "bench",
+    "stats",
 ]

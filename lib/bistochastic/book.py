@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -17,7 +17,80 @@ import torch
 from . import profiles
 from .plotting import use_style
 
-__all__ = ["ChapterSetup", "resolve_device", "setup"]
+__all__ = ["ChapterSetup", "resolve_device", "setup", "round_sig", "glue", "table"]
+
+
+def round_sig(x: Any, sig: int = 4) -> Any:
+    """Round a float (or every float inside a list, tuple or dict) to ``sig`` significant digits.
+
+    Golden outputs must read the same on any CPU: the last digits of a float depend on the vector
+    kernels torch and numpy pick for the machine, so the book never shows or glues more digits than
+    the text means. Integers, bools, strings and ``None`` pass through unchanged; numpy and torch
+    scalars become plain Python numbers. Non-finite floats pass through.
+    """
+    if isinstance(sig, bool) or not isinstance(sig, int) or sig < 1:
+        raise ValueError(f"sig must be a positive int, got {sig!r}")
+    if isinstance(x, (bool, str)) or x is None:
+        return x
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise TypeError("x: round_sig takes scalars (or containers of scalars), not a tensor of "
+                            f"shape {tuple(x.shape)}")
+        x = x.item()
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, int):
+        return x
+    if isinstance(x, float):
+        if x == 0.0 or not np.isfinite(x):
+            return x
+        return float(f"{x:.{sig - 1}e}")
+    if isinstance(x, (list, tuple)):
+        return type(x)(round_sig(v, sig) for v in x)
+    if isinstance(x, dict):
+        return {k: round_sig(v, sig) for k, v in x.items()}
+    return x
+
+
+def glue(name: str, value: Any, sig: int = 4, display: bool = False) -> None:
+    """Glue ``value`` for the text (``{glue:text}`name:.3g```), floats rounded to ``sig`` digits.
+
+    The one way chapters glue numbers: it wraps :func:`myst_nb.glue` and applies :func:`round_sig`,
+    so a glued float never carries machine-specific last digits into the golden outputs. Figures
+    and other objects are glued unchanged. ``display=False`` (the default) shows nothing in the
+    notebook; the value appears where the text references it.
+    """
+    from myst_nb import glue as _glue
+
+    if isinstance(value, (float, int, np.generic, torch.Tensor, list, tuple, dict)):
+        value = round_sig(value, sig)
+    _glue(name, value, display=display)
+
+
+def table(rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence[str]] = None,
+          sig: int = 3) -> Any:
+    """A Markdown table of ``rows`` (dicts sharing keys), floats at ``sig`` significant digits.
+
+    Returns an ``IPython.display.Markdown`` object: the book renders it as a real table (no
+    horizontal scroll, no cut columns), and its plain-text form, which nbval compares, holds no
+    machine-specific digits. ``columns`` picks and orders the keys (default: the first row's keys).
+    """
+    from IPython.display import Markdown
+
+    if not rows:
+        raise ValueError("rows: need at least one row")
+    cols = list(columns) if columns is not None else list(rows[0].keys())
+
+    def cell(v: Any) -> str:
+        v = round_sig(v, sig)
+        if isinstance(v, float):
+            return f"{v:.{sig}g}"
+        return str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |")
+    return Markdown("\n".join(lines))
 
 
 def resolve_device(device: str = "auto") -> torch.device:
