@@ -118,9 +118,14 @@ class ChapterSetup:
 
     def randn(self, *shape: int, dtype: torch.dtype = torch.float64,
               generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Standard normal draws from the CPU generator, moved to :attr:`device`."""
+        """Standard normal draws from the CPU generator, moved to :attr:`device`.
+
+        Always drawn in float64 and then cast: torch's vectorised float32 normal sampler gives other
+        last bits on CPUs with other instruction sets, the float64 one does not.
+        """
         g = self.generator if generator is None else generator
-        return torch.randn(*shape, generator=g, dtype=dtype).to(self.device)
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype=dtype,
+                                                                         device=self.device)
 
     def rand(self, *shape: int, dtype: torch.dtype = torch.float64,
              generator: Optional[torch.Generator] = None) -> torch.Tensor:
