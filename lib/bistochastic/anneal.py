@@ -1,14 +1,54 @@
 """ε-annealing schedules for Sinkhorn layers: open-loop schedules, EPH-ASC and a law-enforcing rule.
 
 A Sinkhorn layer computes a plan ``P_t = Sinkhorn(C_t, ε_t)`` at every training step ``t``. A
-*scheduler* owns ``ε``: the caller computes the plan at ``scheduler.eps``, hands the (detached) plan
-to :meth:`Scheduler.step` and receives the ``ε`` for the next step::
+*scheduler* owns ``ε`` and is used like a ``torch.optim.lr_scheduler``: read :attr:`Scheduler.eps`
+(or :meth:`Scheduler.get_last_eps`) for the current step, call :meth:`Scheduler.step` once per
+step, save and restore it with :meth:`Scheduler.state_dict` / :meth:`Scheduler.load_state_dict`.
 
-    sched = bs.anneal.EPHASC(eps0=1.0, alpha=0.95, eps_min=0.01, k_safe=0.5)
-    for batch in loader:
-        P = bs.project_dsm(logits(batch), tau=sched.eps, n_iter=20).plan
-        loss(P).backward(); opt.step()
-        sched.step(P.detach())            # returns the eps of the next step
+**The probe batch.** The closed-loop rules (:class:`EPHASC`, :class:`SpeedLimit`) decide from the
+*drift* of the plan between two steps. In a minibatch loop, the plans of two training batches
+describe different samples, so their difference is sample noise, not drift: fed training-batch
+plans, EPH-ASC brakes on almost every step and never anneals. The drift must be measured on a
+**fixed probe batch** that the user declares once: either pass ``probe_fn`` (a callable
+``eps -> plan`` that computes the plan of the fixed probe batch with the *current* model at
+temperature ``eps``; :func:`make_probe` builds one from a cost function), and call ``step()``
+without arguments; or compute that plan yourself and call ``step(plan)``. Either way the plan
+handed over must always be the plan of the same samples. Example (runnable; a test executes it)::
+
+    import torch
+    import bistochastic as bs
+
+    g = torch.Generator().manual_seed(0)
+    N, d, B = 8, 8, 16
+    W = torch.nn.Parameter(torch.eye(d) + 0.3 * torch.randn(d, d, generator=g))
+    opt = torch.optim.SGD([W], lr=0.05)
+
+    def draw(n):  # features X, targets Y = a noisy permutation of X, and that permutation
+        X = torch.randn(n, N, d, generator=g)
+        perm = torch.argsort(torch.rand(n, N, generator=g), dim=-1)
+        Y = X.gather(1, perm[..., None].expand(n, N, d))
+        return X, Y + 0.5 * torch.randn(n, N, d, generator=g), perm
+
+    def cost(X, Y):  # C[b, j, i] = -<W x_i, y_j>/sqrt(d): row j of the plan picks x_perm[j]
+        return -(Y @ (X @ W).transpose(1, 2)) / d ** 0.5
+
+    Xp, Yp, _ = draw(32)  # the fixed probe batch, declared once
+    sched = bs.anneal.EPHASC(eps0=1.0, alpha=0.95, eps_min=0.05, k_safe=0.5,
+                             probe_fn=bs.anneal.make_probe(lambda: cost(Xp, Yp)))
+    for step in range(200):  # an ordinary minibatch loop: fresh samples every step
+        X, Y, perm = draw(B)
+        P = bs.project_dsm(-cost(X, Y), tau=sched.eps, n_iter=20).plan
+        loss = -P.gather(-1, perm[..., None]).clamp_min(1e-9).log().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()  # measures the drift on the probe batch, returns the next eps
+    print(f"eps = {sched.get_last_eps():.3f}, braked {sum(sched.history.brake)} times")
+
+Every decision is logged in :attr:`Scheduler.history` (ε, drift, the bound the drift was tested
+against, brake/cool, the step; ``history.records()`` gives one dict per step), and ``logger=`` (a
+callable taking that dict) forwards each record, e.g. to TensorBoard. Open-loop schedules need no
+plan: ``step()`` just advances them (a plan, if given or probed, only has its drift logged).
 
 Conventions
 -----------
@@ -39,9 +79,10 @@ Closed loop: :class:`EPHASC`, the rule of the released EPH-ASC code as we descri
 exponentially, hold ε whenever the drift exceeds ``k_safe·ε``), and :class:`SpeedLimit`, which
 shrinks the step instead of pausing so that the law holds on every step.
 
-Also here: :func:`run_schedule` (drive a scheduler on a fixed cost or a stream of costs, with an
+Also here: :func:`make_probe` (the probe-batch callable), :func:`run_schedule` (drive a scheduler on a fixed cost or a stream of costs, with an
 optional converged reference for the tracking error), :func:`calibrate_k_safe` (our reconstruction
-of the offline "QSA" oracle), :func:`sinkhorn_gap` (the spectral gap of the Sinkhorn map by a dense
+of the offline "QSA" oracle, with a worst-case-bound method and a method that simulates the
+tracking error directly), :func:`sinkhorn_gap` (the spectral gap of the Sinkhorn map by a dense
 eigen-solve) and :func:`time_overhead` / :func:`overhead_flops` (the cost of the online test).
 """
 
@@ -63,6 +104,7 @@ from .sinkhorn import SinkhornWarning, sinkhorn
 __all__ = [
     "DriftNorm",
     "plan_drift",
+    "make_probe",
     "SchedulerHistory",
     "Scheduler",
     "Constant",
@@ -180,6 +222,10 @@ class SchedulerHistory:
     sensitivity : list of float
         For :class:`SpeedLimit`: the estimate ``ŝ_t`` of ``ε‖∂P*/∂ε‖`` used to size the next step
         (``nan`` elsewhere).
+    bound : list of float
+        The drift bound the rule tested at this step: ``k_safe·ε_t`` for :class:`EPHASC` (a drift
+        above it brakes), the law ``k·ε_t`` for :class:`SpeedLimit`; ``nan`` for open-loop
+        schedules.
     """
 
     eps: List[float] = field(default_factory=list)
@@ -187,6 +233,7 @@ class SchedulerHistory:
     brake: List[bool] = field(default_factory=list)
     step: List[float] = field(default_factory=list)
     sensitivity: List[float] = field(default_factory=list)
+    bound: List[float] = field(default_factory=list)
 
     def as_arrays(self) -> Dict[str, np.ndarray]:
         """The lists as numpy arrays (``brake`` as bool)."""
@@ -196,7 +243,13 @@ class SchedulerHistory:
             "brake": np.asarray(self.brake, dtype=bool),
             "step": np.asarray(self.step, dtype=float),
             "sensitivity": np.asarray(self.sensitivity, dtype=float),
+            "bound": np.asarray(self.bound, dtype=float),
         }
+
+    def records(self) -> List[Dict[str, object]]:
+        """One dict per step: ``t``, ``eps``, ``next_eps``, ``drift``, ``bound``, ``brake``,
+        ``step``, ``sensitivity`` and ``decision`` (``"cool"``, ``"brake"`` or ``"hold"``)."""
+        return [_record(self, i) for i in range(len(self.eps))]
 
     def pattern(self) -> str:
         """The decisions as a string: ``c`` for a cooling step, ``B`` for a brake, ``-`` for a step
@@ -210,6 +263,51 @@ class SchedulerHistory:
         return len(self.eps)
 
 
+_HIST_FIELDS = ("eps", "drift", "brake", "step", "sensitivity", "bound")
+
+
+def _record(h: SchedulerHistory, i: int) -> Dict[str, object]:
+    brake, d = h.brake[i], h.step[i]
+    return {"t": i, "eps": h.eps[i], "next_eps": h.eps[i] - d, "drift": h.drift[i],
+            "bound": h.bound[i], "brake": brake, "step": d, "sensitivity": h.sensitivity[i],
+            "decision": "brake" if brake else ("cool" if d > 0 else "hold")}
+
+
+def make_probe(cost_fn: Callable[[], Tensor], *, n_iter: int = 20,
+               with_cost: bool = False) -> Callable[[float], Union[Tensor, tuple]]:
+    """A probe for the closed-loop schedulers: ``eps -> plan`` of a fixed probe batch.
+
+    Parameters
+    ----------
+    cost_fn : callable ``() -> Tensor (B, N, N)``
+        Returns the cost of the *fixed* probe batch under the current model (it is called once per
+        step, under ``torch.no_grad()``). The probe batch must not change between calls.
+    n_iter : int
+        Cold-start Sinkhorn sweeps (unit marginals, log domain), as in the layer.
+    with_cost : bool
+        Return ``(plan, cost)`` instead of the plan, for ``SpeedLimit(separate_cost_drift=True)``.
+
+    Returns
+    -------
+    callable ``eps -> Tensor (B, N, N)`` (or ``(plan, cost)``), to pass as ``probe_fn=``.
+    """
+    if not callable(cost_fn):
+        raise TypeError("`cost_fn` must be a callable returning the probe batch's cost")
+    if int(n_iter) != n_iter or n_iter < 1:
+        raise ValueError(f"`n_iter` must be a positive integer; got {n_iter!r}")
+
+    def probe(eps: float):
+        with torch.no_grad():
+            C = cost_fn()
+            if not isinstance(C, Tensor):
+                raise ValueError("`cost_fn` must return a torch.Tensor of shape (B, N, N)")
+            C = C.detach()
+            P = solve_plan(C, float(eps), n_iter=int(n_iter)).plan
+        return (P, C) if with_cost else P
+
+    return probe
+
+
 class Scheduler:
     """Base class: owns ``eps`` and a :class:`SchedulerHistory`.
 
@@ -221,13 +319,34 @@ class Scheduler:
         Initial temperature ``ε_0 > 0``.
     drift_norm : {"batch", "per_sample", "per_row"}
         The norm in which the drift is logged (and, for closed-loop rules, tested).
+    probe_fn : callable ``eps -> Tensor (B, N, N)`` (or ``-> (plan, cost)``), optional
+        The plan of a *fixed* probe batch at temperature ``eps`` under the current model (see the
+        module docstring and :func:`make_probe`). When given, :meth:`step` is called without a
+        plan and evaluates ``probe_fn(self.eps)`` itself (under ``torch.no_grad()``).
+    logger : callable ``dict -> None``, optional
+        Called after every step with the step's record (see :meth:`SchedulerHistory.records`).
+
+    Usage follows ``torch.optim.lr_scheduler``: ``eps`` / :meth:`get_last_eps` is the value to
+    use now, :meth:`step` advances once per training step, :meth:`state_dict` /
+    :meth:`load_state_dict` save and resume (the probe and the logger are not saved: pass them
+    to the constructor again).
     """
+
+    _TRANSIENT = ("probe_fn", "logger")
 
     name = "scheduler"
 
-    def __init__(self, eps0: float, *, drift_norm: DriftNorm = "per_row"):
+    def __init__(self, eps0: float, *, drift_norm: DriftNorm = "per_row",
+                 probe_fn: Optional[Callable[[float], Union[Tensor, tuple]]] = None,
+                 logger: Optional[Callable[[Dict[str, object]], None]] = None):
         self.eps0 = _pos("eps0", eps0)
         self.drift_norm = _norm_name(drift_norm)
+        if probe_fn is not None and not callable(probe_fn):
+            raise TypeError("`probe_fn` must be a callable eps -> plan of the fixed probe batch")
+        if logger is not None and not callable(logger):
+            raise TypeError("`logger` must be a callable taking one record (a dict)")
+        self.probe_fn = probe_fn
+        self.logger = logger
         self.reset()
 
     # -- public interface ----------------------------------------------------------------------
@@ -255,7 +374,26 @@ class Scheduler:
         -------
         float
             ``ε_{t+1}``, also stored in :attr:`eps`.
+
+        With ``probe_fn`` set, call ``step()`` without a plan: the scheduler evaluates the probe
+        batch at the current ``eps`` itself. Without it, ``plan`` must be the plan of the same
+        fixed probe batch at every call (a training batch's plan compares different samples).
         """
+        if self.probe_fn is not None:
+            if plan is not None:
+                raise ValueError("`plan` was given but the scheduler has a `probe_fn`; call step() "
+                                 "without a plan (the probe batch's plan is computed internally)")
+            with torch.no_grad():
+                out = self.probe_fn(self.eps)
+            if isinstance(out, tuple):
+                if len(out) != 2:
+                    raise ValueError("`probe_fn` must return a plan or a (plan, cost) pair")
+                plan, pcost = out
+                cost = pcost if cost is None else cost
+            else:
+                plan = out
+            if not isinstance(plan, Tensor):
+                raise ValueError("`probe_fn` must return a torch.Tensor plan of shape (B, N, N)")
         if plan is not None:
             plan = _check_plan("plan", plan).detach()
         if cost is not None:
@@ -274,13 +412,62 @@ class Scheduler:
         self.history.brake.append(bool(brake))
         self.history.step.append(eps_t - new_eps)
         self.history.sensitivity.append(float(sens))
+        self.history.bound.append(float(self._bound(eps_t)))
         if plan is not None:
             self._prev = plan.clone()
         if cost is not None:
             self._prev_cost = cost.clone()
         self.eps = float(new_eps)
         self.t += 1
+        if self.logger is not None:
+            self.logger(_record(self.history, len(self.history) - 1))
         return self.eps
+
+    def get_last_eps(self) -> float:
+        """The temperature computed by the last :meth:`step` (``ε_0`` before the first): the ε to
+        use at the current step (as ``get_last_lr`` of a learning-rate scheduler)."""
+        return self.eps
+
+    def state_dict(self) -> Dict[str, object]:
+        """Everything needed to resume: ε, the step count, the stored previous plan (and cost),
+        the rule's internal estimates, the hyper-parameters and the history.
+
+        Plain Python numbers, lists, strings and tensors only, so ``torch.save`` /
+        ``torch.load(..., weights_only=True)`` round-trip it. ``probe_fn`` and ``logger`` are not
+        included (like the lambdas of ``LambdaLR``).
+        """
+        out: Dict[str, object] = {"__class__": type(self).__name__}
+        for key, v in self.__dict__.items():
+            if key in self._TRANSIENT:
+                continue
+            if key == "history":
+                v = {f: list(getattr(v, f)) for f in _HIST_FIELDS}
+            elif isinstance(v, Tensor):
+                v = v.detach().clone()
+            elif isinstance(v, list):
+                v = list(v)
+            out[key] = v
+        return out
+
+    def load_state_dict(self, state_dict: Dict[str, object]) -> None:
+        """Restore a :meth:`state_dict` of the same scheduler class (in place)."""
+        if not isinstance(state_dict, dict):
+            raise TypeError("`state_dict` must be a dict returned by Scheduler.state_dict()")
+        cls = state_dict.get("__class__")
+        if cls != type(self).__name__:
+            raise ValueError(f"`state_dict` was saved from {cls!r}, not {type(self).__name__!r}")
+        for key, v in state_dict.items():
+            if key == "__class__" or key in self._TRANSIENT:
+                continue
+            if key == "history":
+                if not isinstance(v, dict) or set(v) != set(_HIST_FIELDS):
+                    raise ValueError(f"`state_dict['history']` must have the fields {_HIST_FIELDS}")
+                v = SchedulerHistory(**{f: list(v[f]) for f in _HIST_FIELDS})
+            elif isinstance(v, Tensor):
+                v = v.detach().clone()
+            elif isinstance(v, list):
+                v = list(v)
+            setattr(self, key, v)
 
     def eps_at(self, t: Union[int, Sequence[int], np.ndarray]) -> np.ndarray:
         """The closed-form ``ε_t`` (open-loop schedules only)."""
@@ -289,6 +476,10 @@ class Scheduler:
     # -- subclass hooks ------------------------------------------------------------------------
     def _reset_state(self) -> None:
         pass
+
+    def _bound(self, eps: float) -> float:
+        """The drift bound tested at temperature ``eps`` (nan for open-loop schedules)."""
+        return float("nan")
 
     def _next(self, plan: Optional[Tensor], cost: Optional[Tensor], drift: float):
         """Return ``(eps_next, brake, sensitivity)``."""
@@ -423,18 +614,23 @@ class EPHASC(Scheduler):
     drift_norm : {"batch", "per_sample", "per_row"}
         ``"batch"`` (default) is the released test: the Frobenius norm of the whole batch tensor.
         ``"per_sample"`` / ``"per_row"`` make ``k_safe`` independent of the batch size (and of N).
+    probe_fn, logger
+        See :class:`Scheduler`. In a minibatch loop the drift must come from a fixed probe batch.
     """
 
     name = "eph-asc"
 
     def __init__(self, eps0: float = 1.0, alpha: float = 0.95, eps_min: float = 0.01,
-                 k_safe: float = 0.5, *, drift_norm: DriftNorm = "batch"):
+                 k_safe: float = 0.5, *, drift_norm: DriftNorm = "batch", **kw):
         self.alpha = _unit("alpha", alpha)
         self.eps_min = _pos("eps_min", eps_min)
         self.k_safe = _pos("k_safe", k_safe)
         if self.eps_min > _pos("eps0", eps0):
             raise ValueError(f"`eps_min` ({eps_min}) must not exceed `eps0` ({eps0})")
-        super().__init__(eps0, drift_norm=drift_norm)
+        super().__init__(eps0, drift_norm=drift_norm, **kw)
+
+    def _bound(self, eps: float) -> float:
+        return self.k_safe * eps
 
     def _next(self, plan, cost, drift):
         if plan is None:
@@ -482,13 +678,18 @@ class SpeedLimit(Scheduler):
         See above (default False).
     n_iter : int
         Sweeps of the extra pass (default 20).
+    probe_fn, logger
+        See :class:`Scheduler` (``probe`` above is the size of the first step, not the probe
+        batch). In a minibatch loop the drift must come from a fixed probe batch; for
+        ``separate_cost_drift`` let ``probe_fn`` return ``(plan, cost)``
+        (``make_probe(..., with_cost=True)``).
     """
 
     name = "speed-limit"
 
     def __init__(self, eps0: float = 1.0, alpha: float = 0.95, eps_min: float = 0.01, k: float = 0.5, *,
                  drift_norm: DriftNorm = "per_row", margin: float = 0.5, probe: float = 0.1,
-                 smoothing: float = 0.0, separate_cost_drift: bool = False, n_iter: int = 20):
+                 smoothing: float = 0.0, separate_cost_drift: bool = False, n_iter: int = 20, **kw):
         self.alpha = _unit("alpha", alpha)
         self.eps_min = _pos("eps_min", eps_min)
         self.k = _pos("k", k)
@@ -507,7 +708,10 @@ class SpeedLimit(Scheduler):
         self.separate_cost_drift = bool(separate_cost_drift)
         if self.eps_min > _pos("eps0", eps0):
             raise ValueError(f"`eps_min` ({eps_min}) must not exceed `eps0` ({eps0})")
-        super().__init__(eps0, drift_norm=drift_norm)
+        super().__init__(eps0, drift_norm=drift_norm, **kw)
+
+    def _bound(self, eps: float) -> float:
+        return self.k * eps
 
     def _reset_state(self) -> None:
         self._s: Optional[float] = None  # dimensionless sensitivity estimate
