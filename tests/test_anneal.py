@@ -485,3 +485,58 @@ def test_training_api_bad_input_names_the_argument():
         A.make_probe(None)
     with pytest.raises(ValueError, match="n_iter"):
         A.make_probe(lambda: P, n_iter=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the simulated oracle
+
+
+def _sim_calib(e_tol, seed=5, **kw):
+    return A.calibrate_k_safe(_cost(8, seed, b=2), eps0=1.0, eps_min=0.2, alpha=0.9, substeps=4, K=20,
+                              tolerated_error=e_tol, window_frac=0.1, method="simulate", **kw)
+
+
+def test_simulated_path_at_exponential_slope_matches_run_schedule():
+    # two implementations of the same warm-started K-sweep anneal: the oracle's replay along the
+    # reference grid and run_schedule with its own converged reference
+    res = _sim_calib(1e-3)
+    sim = res.simulate(10.0)  # any slope above k_exp: every step is a full alpha-step
+    n = len(sim["eps"]) - 1  # the last step may be a partial one, down to the window's end
+    np.testing.assert_allclose(sim["eps"][:n], 0.9 ** np.arange(n), rtol=1e-12)
+    run = A.run_schedule(A.Exponential(1.0, 0.9, 1e-6), res._ref["C"], n, n_iter=20, warm_start=True,
+                         reference=True, ref_tol=1e-12, norm="per_row")
+    # run_schedule starts cold at eps0; the oracle starts converged (error 0): compare after the
+    # start has been forgotten (the cold start's error decays like rho^K per step)
+    np.testing.assert_allclose(sim["error"][5:n], run.error[5:], rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_simulated_oracle_meets_its_tolerance_and_is_not_below_the_bound_oracle(seed):
+    e_tol = 1e-4
+    res = _sim_calib(e_tol, seed)
+    assert res.method == "simulate" and res.feasible and res.n_sims > 2
+    sim = res.simulate(res.k_safe)
+    assert np.max(sim["error"]) <= e_tol and res.sim_error == pytest.approx(np.max(sim["error"]))
+    # the schedule it simulates obeys the law it calibrates
+    assert np.all(sim["drift"][1:] <= res.k_safe * sim["eps"][1:] * (1 + 1e-12))
+    # the bound is an upper bound on the error, so its answer cannot be larger
+    assert res.k_bound_oracle <= res.k_safe
+    # and the search found the edge: a 5 % larger slope misses the tolerance (when it binds)
+    if res.k_safe < res.k_exp:
+        assert np.max(res.simulate(1.05 * res.k_safe)["error"]) > e_tol
+
+
+def test_simulated_oracle_returns_k_exp_when_exponential_is_safe_and_warns_when_infeasible():
+    res = _sim_calib(0.5)
+    assert res.k_safe == pytest.approx(res.k_exp, rel=1e-6) and res.n_sims == 1
+    with pytest.warns(RuntimeWarning, match="substeps"):
+        bad = _sim_calib(1e-12)
+    assert not bad.feasible and bad.k_safe == bad.k_resolution
+    # the bound method reports the bound oracle as k_safe
+    b = A.calibrate_k_safe(_cost(8, 5, b=2), eps0=1.0, eps_min=0.2, alpha=0.9, substeps=4,
+                           tolerated_error=1e-4, window_frac=0.1)
+    assert b.method == "bound" and b.k_safe == b.k_bound_oracle and math.isnan(b.sim_error)
+    with pytest.raises(ValueError, match="method"):
+        A.calibrate_k_safe(_cost(4, 0), method="exact")
+    with pytest.raises(ValueError, match="k"):
+        b.simulate(-1.0)

@@ -961,6 +961,18 @@ class CalibrationResult:
     k_linear : ``K·c·e_tol``, the linear-regime prediction of §4.6.
     converged : (T,) bool, whether each reference solve met its tolerance.
     K, alpha, tolerated_error, drift_norm : the settings.
+    method : ``"bound"`` (``k_safe`` from the worst-case bound) or ``"simulate"`` (``k_safe`` from
+        the simulated tracking error, see :func:`calibrate_k_safe`).
+    k_bound_oracle : the bound method's answer (computed by both methods, for comparison).
+    sim_error : the simulated maximal tracking error over the window at ``k_safe`` (method
+        ``"simulate"``; nan for ``"bound"``).
+    k_resolution : the smallest slope the reference grid resolves: below it even one grid step
+        breaks the law somewhere (``max ‖P*_{i+1} − P*_i‖/ε_{i+1}`` over the window).
+    feasible : False when even ``k_resolution`` misses the tolerance (then ``k_safe`` is that
+        resolution and a warning says to refine ``substeps``).
+    n_sims : number of simulated anneals the search ran.
+
+    :meth:`simulate` replays the K-sweep layer along the law-saturating schedule of any slope.
     """
 
     eps: np.ndarray
@@ -981,6 +993,29 @@ class CalibrationResult:
     alpha: float
     tolerated_error: float
     drift_norm: str
+    method: str = "bound"
+    k_bound_oracle: float = float("nan")
+    sim_error: float = float("nan")
+    k_resolution: float = float("nan")
+    feasible: bool = True
+    n_sims: int = 0
+    _ref: Optional[dict] = field(default=None, repr=False, compare=False)
+
+    def simulate(self, k: float) -> Dict[str, np.ndarray]:
+        """Replay a warm-started ``K``-sweep layer along the law-saturating schedule of slope ``k``.
+
+        The schedule walks the reference grid: from ``ε_i`` it jumps to the furthest grid point
+        ``j ≤ i + substeps`` (at most one α-step) with ``‖P*_j − P*_i‖ ≤ k·ε_j`` (one grid point
+        when none qualifies), down to the end of the window. At each visited ε it runs ``K``
+        sweeps from the previous step's potentials (the first from the converged potentials at
+        ``ε_0``) and measures ``‖P_t − P*_{ε_t}‖`` in the drift norm.
+
+        Returns a dict of arrays over the visited steps: ``eps``, ``error``, ``drift`` (the
+        reference drift of each step, nan at the first) and ``index`` (grid indices).
+        """
+        if self._ref is None:
+            raise ValueError("this CalibrationResult carries no reference path to simulate on")
+        return _simulate_law_path(self._ref, _pos("k", k))
 
     def __repr__(self) -> str:
         return (f"CalibrationResult(k_safe={self.k_safe:.4g}, k_exp={self.k_exp:.4g}, c={self.c:.3g}, "
@@ -1001,6 +1036,8 @@ def calibrate_k_safe(
     tol: float = 1e-10,
     max_iter: int = 200000,
     window_frac: float = 0.5,
+    method: Literal["bound", "simulate"] = "bound",
+    search_iters: int = 24,
 ) -> CalibrationResult:
     """Offline calibration of ``k_safe`` on a representative cost (our reconstruction of "QSA").
 
@@ -1027,9 +1064,22 @@ def calibrate_k_safe(
         The tracking error (in ``drift_norm``) one is willing to carry.
     window_frac : float in (0, 1)
         The window ends where ``γ/ε`` first falls below ``window_frac`` times its maximum.
+    method : {"bound", "simulate"}
+        ``"bound"``: the largest ``k`` whose worst-case steady-state bound stays below
+        ``tolerated_error`` (above). ``"simulate"``: the largest ``k`` for which a *simulated*
+        warm-started ``K``-sweep layer, annealed along the law-saturating schedule of slope ``k``
+        on the reference grid (:meth:`CalibrationResult.simulate`), keeps its measured tracking
+        error ``‖P_t − P*_t‖`` below ``tolerated_error`` at every step of the window. Found by
+        bisection in ``log k`` between the grid's resolution and the slope of plain exponential
+        cooling (``k_exp``, returned when exponential cooling already meets the tolerance). The
+        bound is an upper bound that can be far from the error (Chapter 13), so this answer is
+        larger; its resolution is set by ``substeps`` (a grid step must be a fraction of a step).
+    search_iters : int
+        Bisection steps of the ``"simulate"`` search.
 
     Cost: ``T = substeps·log(eps_min/eps0)/log α`` converged solves and ``T`` batched ``O(N³)``
-    eigen-solves, run once, offline.
+    eigen-solves, run once, offline; ``"simulate"`` adds about ``search_iters + 2`` simulated
+    anneals of at most ``T`` steps of ``K`` sweeps each.
     """
     C = _check_plan("cost", cost)
     eps0 = _pos("eps0", eps0)
@@ -1044,16 +1094,22 @@ def calibrate_k_safe(
     e_tol = _pos("tolerated_error", tolerated_error)
     wf = _unit("window_frac", window_frac)
     _norm_name(drift_norm)
+    if method not in ("bound", "simulate"):
+        raise ValueError(f"`method` must be 'bound' or 'simulate'; got {method!r}")
+    if int(search_iters) != search_iters or search_iters < 1:
+        raise ValueError(f"`search_iters` must be a positive integer; got {search_iters!r}")
     m = int(substeps)
     T = int(math.floor(m * math.log(eps_min / eps0) / math.log(alpha) + 1e-9)) + 1
     eps = eps0 * alpha ** (np.arange(T) / m)
     plans = []
     gam = np.empty(T)
     conv = np.empty(T, dtype=bool)
-    init = None
+    init = init0 = None
     for i, e in enumerate(eps):
         r = solve_plan(C, float(e), n_iter=None, init=init, tol=tol, max_iter=max_iter)
         init = (r.f, r.g)
+        if i == 0:
+            init0 = init
         plans.append(r.plan)
         conv[i] = bool(r.converged.all())
         gam[i] = float(sinkhorn_gap(r.plan).min())
@@ -1075,14 +1131,78 @@ def calibrate_k_safe(
     active = np.isfinite(adr) & (amp * adr > e_tol) & win
     with np.errstate(invalid="ignore"):
         k_exp = float(np.nanmax(adr[win] / (alpha * eps[win]))) if np.isfinite(adr[win]).any() else float("nan")
-    k_safe = float(np.min(k_bound[active])) if active.any() else k_exp
+    k_bnd = float(np.min(k_bound[active])) if active.any() else k_exp
     cw = ratio >= 0.5 * np.max(ratio)
     c = float(np.sum(gam[cw] * eps[cw]) / np.sum(eps[cw] ** 2)) if cw.any() else float("nan")
+    n_win = int(win.sum())
+    ref = {"C": C, "eps": eps[:n_win], "plans": plans[:n_win], "init": init0, "m": m, "K": int(K),
+           "norm": drift_norm}
+    step1 = [plan_drift(plans[i + 1], plans[i], drift_norm) / eps[i + 1] for i in range(n_win - 1)]
+    k_res = float(max(step1)) if step1 else float("nan")
+    k_safe, sim_err, feasible, n_sims = k_bnd, float("nan"), True, 0
+    if method == "simulate" and n_win > 1:
+        k_safe, sim_err, feasible, n_sims = _search_k(ref, k_res, k_exp, e_tol, int(search_iters))
+        if not feasible:
+            warnings.warn(f"calibrate_k_safe: even the grid's resolution k = {k_res:.3g} misses "
+                          f"tolerated_error = {e_tol:g} (simulated error {sim_err:.3g}); refine "
+                          "`substeps` or raise the tolerance", RuntimeWarning, stacklevel=2)
     return CalibrationResult(eps=eps, gamma=gam, rho_K=rho_K, sensitivity=sens, alpha_drift=adr,
                              k_bound=k_bound, active=active, window=win, eps_window=float(eps[win].min()),
                              k_safe=k_safe, k_exp=k_exp, c=c,
                              k_linear=K * c * e_tol, converged=conv, K=int(K), alpha=alpha,
-                             tolerated_error=e_tol, drift_norm=drift_norm)
+                             tolerated_error=e_tol, drift_norm=drift_norm, method=method,
+                             k_bound_oracle=k_bnd, sim_error=sim_err, k_resolution=k_res,
+                             feasible=feasible, n_sims=n_sims, _ref=ref)
+
+
+def _simulate_law_path(ref: dict, k: float) -> Dict[str, np.ndarray]:
+    """See :meth:`CalibrationResult.simulate`."""
+    C, eps, plans, m, K, norm = ref["C"], ref["eps"], ref["plans"], ref["m"], ref["K"], ref["norm"]
+    T = len(eps)
+    i = 0
+    init = ref["init"]
+    idx, err, dr = [0], [0.0], [float("nan")]
+    while i < T - 1:
+        j = i + 1
+        for jj in range(min(i + m, T - 1), i, -1):
+            if plan_drift(plans[jj], plans[i], norm) <= k * eps[jj]:
+                j = jj
+                break
+        r = solve_plan(C, float(eps[j]), n_iter=K, init=init)
+        init = (r.f, r.g)
+        idx.append(j)
+        err.append(plan_drift(r.plan, plans[j], norm))
+        dr.append(plan_drift(plans[j], plans[i], norm))
+        i = j
+    ix = np.asarray(idx)
+    return {"eps": eps[ix], "error": np.asarray(err), "drift": np.asarray(dr), "index": ix}
+
+
+def _search_k(ref: dict, k_lo: float, k_hi: float, e_tol: float, iters: int):
+    """Largest k in [k_lo, k_hi] whose simulated max error is <= e_tol (bisection in log k)."""
+    n = 0
+
+    def f(k):
+        nonlocal n
+        n += 1
+        return float(np.max(_simulate_law_path(ref, k)["error"]))
+
+    k_hi = max(k_hi, k_lo) * (1 + 1e-9)
+    e_hi = f(k_hi)
+    if e_hi <= e_tol:
+        return k_hi, e_hi, True, n
+    e_lo = f(k_lo)
+    if e_lo > e_tol:
+        return k_lo, e_lo, False, n
+    lo, hi = math.log(k_lo), math.log(k_hi)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        e_mid = f(math.exp(mid))
+        if e_mid <= e_tol:
+            lo, e_lo = mid, e_mid
+        else:
+            hi = mid
+    return math.exp(lo), e_lo, True, n
 
 
 # ----------------------------------------------------------------------------------------------
