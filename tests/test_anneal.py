@@ -540,3 +540,19 @@ def test_simulated_oracle_returns_k_exp_when_exponential_is_safe_and_warns_when_
         A.calibrate_k_safe(_cost(4, 0), method="exact")
     with pytest.raises(ValueError, match="k"):
         b.simulate(-1.0)
+    with pytest.raises(ValueError, match="tolerated_error"):
+        b.simulated_k(0.0)
+
+
+def test_simulated_k_for_another_tolerance_matches_a_fresh_calibration():
+    a = _sim_calib(1e-4)
+    b = _sim_calib(3e-4)
+    again = a.simulated_k(3e-4)
+    assert again["k"] == pytest.approx(b.k_safe, rel=1e-12) and again["feasible"]
+    assert a.simulated_k(3e-4)["k"] >= a.k_safe  # a looser tolerance allows a larger slope
+    # the bound oracle recomputed for another tolerance matches the bound method's answer
+    assert a.simulated_k(1e-4)["k_bound"] == pytest.approx(a.k_bound_oracle, rel=1e-12)
+    # steps: the exponential slope needs one step per alpha-step; smaller slopes need more
+    n_alpha = (len(a._ref["eps"]) - 1) / 4
+    assert a.steps_needed(10 * a.k_exp) == pytest.approx(n_alpha)
+    assert a.steps_needed(a.k_bound_oracle) > a.steps_needed(a.k_safe) >= n_alpha

@@ -1017,6 +1017,35 @@ class CalibrationResult:
             raise ValueError("this CalibrationResult carries no reference path to simulate on")
         return _simulate_law_path(self._ref, _pos("k", k))
 
+    def simulated_k(self, tolerated_error: float, search_iters: int = 24) -> Dict[str, object]:
+        """The ``"simulate"`` oracle's answer for another tolerance, on the same reference path.
+
+        Returns ``{"k": ..., "error": max simulated error at k, "feasible": ..., "n_sims": ...}``
+        (see :func:`calibrate_k_safe`); no new reference solves.
+        """
+        if self._ref is None or len(self._ref["eps"]) < 2:
+            raise ValueError("this CalibrationResult carries no reference path to simulate on")
+        e_tol = _pos("tolerated_error", tolerated_error)
+        if int(search_iters) != search_iters or search_iters < 1:
+            raise ValueError(f"`search_iters` must be a positive integer; got {search_iters!r}")
+        k, err, ok, n = _search_k(self._ref, self.k_resolution, self.k_exp, e_tol, int(search_iters))
+        amp = self.rho_K / (1.0 - self.rho_K)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            act = np.isfinite(self.alpha_drift) & (amp * self.alpha_drift > e_tol) & self.window
+            kb = float(np.min((e_tol / (amp * self.eps))[act])) if act.any() else self.k_exp
+        return {"k": k, "error": err, "feasible": ok, "n_sims": n, "k_bound": kb}
+
+    def steps_needed(self, k: float) -> float:
+        """Steps a schedule that moves the reference plan by exactly ``k·ε`` per step (at most one
+        α-step) needs to cross the window: ``Σ_i max(‖P*_{i+1} − P*_i‖/(k ε_{i+1}), 1/substeps)``
+        over the reference grid (a continuous count, for comparing slopes)."""
+        if self._ref is None:
+            raise ValueError("this CalibrationResult carries no reference path")
+        k = _pos("k", k)
+        eps, plans, m, norm = self._ref["eps"], self._ref["plans"], self._ref["m"], self._ref["norm"]
+        return float(sum(max(plan_drift(plans[i + 1], plans[i], norm) / (k * eps[i + 1]), 1.0 / m)
+                         for i in range(len(eps) - 1)))
+
     def __repr__(self) -> str:
         return (f"CalibrationResult(k_safe={self.k_safe:.4g}, k_exp={self.k_exp:.4g}, c={self.c:.3g}, "
                 f"eps_window={self.eps_window:.3g}, "

@@ -103,9 +103,12 @@ TABLE: Dict[str, Dict[str, Dict[str, Any]]] = {
     },
     "12_speed_limit": {
         "ci": {"n": 30, "shift_eps": (1.0, 0.1), "n_shift": 14, "alphas": (0.9, 0.95, 0.99),
-               "track_eps_min": 0.1, "K": 20, "hyper_ks": (0.5, 2.0), "k_law": 0.5, "rec_eps": 0.2},
+               "track_eps_min": 0.1, "K": 20, "hyper_ks": (0.5, 2.0), "k_law": 0.5, "rec_eps": 0.2,
+               "gap_eps": (1.0, 0.05), "n_gap": 25, "seeds": 5, "budgets": (5, 10, 20, 40)},
         "full": {"n": 30, "shift_eps": (1.0, 0.05), "n_shift": 40, "alphas": (0.9, 0.95, 0.99),
-                 "track_eps_min": 0.06, "K": 20, "hyper_ks": (0.5, 2.0), "k_law": 0.5, "rec_eps": 0.2},
+                 "track_eps_min": 0.06, "K": 20, "hyper_ks": (0.5, 2.0), "k_law": 0.5, "rec_eps": 0.2,
+                 "gap_eps": (1.0, 0.02), "n_gap": 60, "seeds": 30,
+                 "budgets": (5, 7, 9, 13, 18, 26, 36, 51, 72, 100, 140)},
     },
     "13_eph_asc": {
         "ci": {"n_fixed": 10, "fixed_steps": 200, "demo_n": 10, "demo_epochs": 100, "demo_ks": (0.1, 0.5, 1.0, 2.0, 4.0),
