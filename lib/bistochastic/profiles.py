@@ -113,11 +113,11 @@ TABLE: Dict[str, Dict[str, Dict[str, Any]]] = {
     "13_eph_asc": {
         "ci": {"n_fixed": 10, "fixed_steps": 200, "demo_n": 10, "demo_epochs": 100, "demo_ks": (0.1, 0.5, 1.0, 2.0, 4.0),
                "calib_n": (10, 20), "calib_b": 4, "batch_sizes": (1, 4, 16), "bench_n": (10, 64, 256, 512),
-               "bench_b": 4, "bench_reps": 3, "e_tol": 1e-3},
+               "bench_b": 4, "bench_reps": 3, "e_tol": 1e-3, "substeps": 4, "e_tols": (1e-3, 3e-4, 1e-4)},
         "full": {"n_fixed": 10, "fixed_steps": 300, "demo_n": 10, "demo_epochs": 100,
                  "demo_ks": (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0), "calib_n": (10, 20, 50), "calib_b": 32,
                  "batch_sizes": (1, 4, 16, 64, 256), "bench_n": (10, 64, 256, 512), "bench_b": 32, "bench_reps": 10,
-                 "e_tol": 1e-3},
+                 "e_tol": 1e-3, "substeps": 8, "e_tols": (1e-3, 3e-4, 1e-4, 3e-5)},
     },
     "14_premature_collapse": {
         "ci": {"n": 8, "d": 8, "batch": 4, "test_batch": 24, "sigma": 0.5, "epochs": 100, "lr": 0.01,
