@@ -643,7 +643,7 @@ class EPHASC(Scheduler):
 
 
 class SpeedLimit(Scheduler):
-    """A rule that enforces the linear law ``‖Δ_t‖ ≤ k·ε_t`` by shrinking the step (notes §5.4).
+    """A rule that enforces the linear law ``‖Δ_t‖ ≤ k·ε_t`` by shrinking the step (Chapter 13).
 
     The next step is ``δ_t = min((1−α)ε_t, δ_law)``, where ``δ_law`` solves
     ``ŝ_pred·δ/ε_t = m·k·(ε_t − δ)``, i.e. ``δ_law = m·k·ε_t² / (ŝ_pred + m·k·ε_t)``. Here
@@ -958,7 +958,7 @@ class CalibrationResult:
     k_exp : ``max alpha_drift/(αε)`` over the window, the slope plain exponential cooling needs.
     c : least-squares slope of ``γ ≈ cε`` over the window where ``γ/ε`` lies within a factor 2 of its
         maximum (nan if the window is empty).
-    k_linear : ``K·c·e_tol``, the linear-regime prediction of §4.6.
+    k_linear : ``K·c·e_tol``, the linear-regime prediction (valid only where ``Kγ ≪ 1``).
     converged : (T,) bool, whether each reference solve met its tolerance.
     K, alpha, tolerated_error, drift_norm : the settings.
     method : ``"bound"`` (``k_safe`` from the worst-case bound) or ``"simulate"`` (``k_safe`` from
@@ -1076,8 +1076,10 @@ def calibrate_k_safe(
     ``k`` such that, wherever in the window ``γ(ε) ≳ cε`` an exponential α-step would be unsafe, a
     step obeying
     ``‖Δ‖ ≤ kε`` keeps the tracking-error bound ``ρ^K/(1 − ρ^K)·‖Δ‖`` (steady state of
-    ``e_{t+1} = J^K(e_t − Δ_t)``, ``ρ = 1 − γ``, normal ``J``) below ``tolerated_error``. In the linear
-    regime ``γ ≈ cε`` this is ``k ≈ K·c·tolerated_error``, also reported.
+    ``e_{t+1} = J^K(e_t − Δ_t)``, ``ρ = 1 − γ``, normal ``J``) below ``tolerated_error``. Where ``γ ≈ cε`` and
+    ``Kγ ≪ 1`` this is ``k ≈ K·c·tolerated_error``, also reported (at ``K = 20`` the two conditions
+    do not hold together, Chapter 12, so the formula can be far off). The bound is an upper bound
+    that can be far above the error; ``method="simulate"`` measures the error instead.
 
     Parameters
     ----------
