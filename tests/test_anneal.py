@@ -556,3 +556,25 @@ def test_simulated_k_for_another_tolerance_matches_a_fresh_calibration():
     n_alpha = (len(a._ref["eps"]) - 1) / 4
     assert a.steps_needed(10 * a.k_exp) == pytest.approx(n_alpha)
     assert a.steps_needed(a.k_bound_oracle) > a.steps_needed(a.k_safe) >= n_alpha
+
+
+def test_make_probe_with_cost_feeds_separate_cost_drift():
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(2, 8, 8, generator=g, dtype=torch.float64)
+    state = {"t": 0}
+
+    def cost_fn():  # the probe batch's cost under a slowly changing "model"
+        return base * (1 + 0.01 * state["t"])
+
+    probe = A.make_probe(cost_fn, with_cost=True)
+    P, Cp = probe(0.5)
+    assert torch.equal(Cp, cost_fn()) and torch.allclose(P, A.solve_plan(Cp, 0.5).plan)
+    a = A.SpeedLimit(k=0.3, separate_cost_drift=True, probe_fn=probe)
+    b = A.SpeedLimit(k=0.3, separate_cost_drift=True)
+    for t in range(40):
+        state["t"] = t
+        a.step()
+        C = cost_fn()
+        b.step(A.solve_plan(C, b.eps).plan, cost=C)
+    assert a.history.eps == b.history.eps
+    assert np.nanmax(a.cost_drift) > 0  # the cost did drift, and it was separated
