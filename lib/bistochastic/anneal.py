@@ -1,14 +1,54 @@
 """ε-annealing schedules for Sinkhorn layers: open-loop schedules, EPH-ASC and a law-enforcing rule.
 
 A Sinkhorn layer computes a plan ``P_t = Sinkhorn(C_t, ε_t)`` at every training step ``t``. A
-*scheduler* owns ``ε``: the caller computes the plan at ``scheduler.eps``, hands the (detached) plan
-to :meth:`Scheduler.step` and receives the ``ε`` for the next step::
+*scheduler* owns ``ε`` and is used like a ``torch.optim.lr_scheduler``: read :attr:`Scheduler.eps`
+(or :meth:`Scheduler.get_last_eps`) for the current step, call :meth:`Scheduler.step` once per
+step, save and restore it with :meth:`Scheduler.state_dict` / :meth:`Scheduler.load_state_dict`.
 
-    sched = bs.anneal.EPHASC(eps0=1.0, alpha=0.95, eps_min=0.01, k_safe=0.5)
-    for batch in loader:
-        P = bs.project_dsm(logits(batch), tau=sched.eps, n_iter=20).plan
-        loss(P).backward(); opt.step()
-        sched.step(P.detach())            # returns the eps of the next step
+**The probe batch.** The closed-loop rules (:class:`EPHASC`, :class:`SpeedLimit`) decide from the
+*drift* of the plan between two steps. In a minibatch loop, the plans of two training batches
+describe different samples, so their difference is sample noise, not drift: fed training-batch
+plans, EPH-ASC brakes on almost every step and never anneals. The drift must be measured on a
+**fixed probe batch** that the user declares once: either pass ``probe_fn`` (a callable
+``eps -> plan`` that computes the plan of the fixed probe batch with the *current* model at
+temperature ``eps``; :func:`make_probe` builds one from a cost function), and call ``step()``
+without arguments; or compute that plan yourself and call ``step(plan)``. Either way the plan
+handed over must always be the plan of the same samples. Example (runnable; a test executes it)::
+
+    import torch
+    import bistochastic as bs
+
+    g = torch.Generator().manual_seed(0)
+    N, d, B = 8, 8, 16
+    W = torch.nn.Parameter(torch.eye(d) + 0.3 * torch.randn(d, d, generator=g))
+    opt = torch.optim.SGD([W], lr=0.05)
+
+    def draw(n):  # features X, targets Y = a noisy permutation of X, and that permutation
+        X = torch.randn(n, N, d, generator=g)
+        perm = torch.argsort(torch.rand(n, N, generator=g), dim=-1)
+        Y = X.gather(1, perm[..., None].expand(n, N, d))
+        return X, Y + 0.5 * torch.randn(n, N, d, generator=g), perm
+
+    def cost(X, Y):  # C[b, j, i] = -<W x_i, y_j>/sqrt(d): row j of the plan picks x_perm[j]
+        return -(Y @ (X @ W).transpose(1, 2)) / d ** 0.5
+
+    Xp, Yp, _ = draw(32)  # the fixed probe batch, declared once
+    sched = bs.anneal.EPHASC(eps0=1.0, alpha=0.95, eps_min=0.05, k_safe=0.5,
+                             probe_fn=bs.anneal.make_probe(lambda: cost(Xp, Yp)))
+    for step in range(200):  # an ordinary minibatch loop: fresh samples every step
+        X, Y, perm = draw(B)
+        P = bs.project_dsm(-cost(X, Y), tau=sched.eps, n_iter=20).plan
+        loss = -P.gather(-1, perm[..., None]).clamp_min(1e-9).log().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()  # measures the drift on the probe batch, returns the next eps
+    print(f"eps = {sched.get_last_eps():.3f}, braked {sum(sched.history.brake)} times")
+
+Every decision is logged in :attr:`Scheduler.history` (ε, drift, the bound the drift was tested
+against, brake/cool, the step; ``history.records()`` gives one dict per step), and ``logger=`` (a
+callable taking that dict) forwards each record, e.g. to TensorBoard. Open-loop schedules need no
+plan: ``step()`` just advances them (a plan, if given or probed, only has its drift logged).
 
 Conventions
 -----------
@@ -39,9 +79,10 @@ Closed loop: :class:`EPHASC`, the rule of the released EPH-ASC code as we descri
 exponentially, hold ε whenever the drift exceeds ``k_safe·ε``), and :class:`SpeedLimit`, which
 shrinks the step instead of pausing so that the law holds on every step.
 
-Also here: :func:`run_schedule` (drive a scheduler on a fixed cost or a stream of costs, with an
+Also here: :func:`make_probe` (the probe-batch callable), :func:`run_schedule` (drive a scheduler on a fixed cost or a stream of costs, with an
 optional converged reference for the tracking error), :func:`calibrate_k_safe` (our reconstruction
-of the offline "QSA" oracle), :func:`sinkhorn_gap` (the spectral gap of the Sinkhorn map by a dense
+of the offline "QSA" oracle, with a worst-case-bound method and a method that simulates the
+tracking error directly), :func:`sinkhorn_gap` (the spectral gap of the Sinkhorn map by a dense
 eigen-solve) and :func:`time_overhead` / :func:`overhead_flops` (the cost of the online test).
 """
 
@@ -63,6 +104,7 @@ from .sinkhorn import SinkhornWarning, sinkhorn
 __all__ = [
     "DriftNorm",
     "plan_drift",
+    "make_probe",
     "SchedulerHistory",
     "Scheduler",
     "Constant",
@@ -180,6 +222,10 @@ class SchedulerHistory:
     sensitivity : list of float
         For :class:`SpeedLimit`: the estimate ``ŝ_t`` of ``ε‖∂P*/∂ε‖`` used to size the next step
         (``nan`` elsewhere).
+    bound : list of float
+        The drift bound the rule tested at this step: ``k_safe·ε_t`` for :class:`EPHASC` (a drift
+        above it brakes), the law ``k·ε_t`` for :class:`SpeedLimit`; ``nan`` for open-loop
+        schedules.
     """
 
     eps: List[float] = field(default_factory=list)
@@ -187,6 +233,7 @@ class SchedulerHistory:
     brake: List[bool] = field(default_factory=list)
     step: List[float] = field(default_factory=list)
     sensitivity: List[float] = field(default_factory=list)
+    bound: List[float] = field(default_factory=list)
 
     def as_arrays(self) -> Dict[str, np.ndarray]:
         """The lists as numpy arrays (``brake`` as bool)."""
@@ -196,7 +243,13 @@ class SchedulerHistory:
             "brake": np.asarray(self.brake, dtype=bool),
             "step": np.asarray(self.step, dtype=float),
             "sensitivity": np.asarray(self.sensitivity, dtype=float),
+            "bound": np.asarray(self.bound, dtype=float),
         }
+
+    def records(self) -> List[Dict[str, object]]:
+        """One dict per step: ``t``, ``eps``, ``next_eps``, ``drift``, ``bound``, ``brake``,
+        ``step``, ``sensitivity`` and ``decision`` (``"cool"``, ``"brake"`` or ``"hold"``)."""
+        return [_record(self, i) for i in range(len(self.eps))]
 
     def pattern(self) -> str:
         """The decisions as a string: ``c`` for a cooling step, ``B`` for a brake, ``-`` for a step
@@ -210,6 +263,51 @@ class SchedulerHistory:
         return len(self.eps)
 
 
+_HIST_FIELDS = ("eps", "drift", "brake", "step", "sensitivity", "bound")
+
+
+def _record(h: SchedulerHistory, i: int) -> Dict[str, object]:
+    brake, d = h.brake[i], h.step[i]
+    return {"t": i, "eps": h.eps[i], "next_eps": h.eps[i] - d, "drift": h.drift[i],
+            "bound": h.bound[i], "brake": brake, "step": d, "sensitivity": h.sensitivity[i],
+            "decision": "brake" if brake else ("cool" if d > 0 else "hold")}
+
+
+def make_probe(cost_fn: Callable[[], Tensor], *, n_iter: int = 20,
+               with_cost: bool = False) -> Callable[[float], Union[Tensor, tuple]]:
+    """A probe for the closed-loop schedulers: ``eps -> plan`` of a fixed probe batch.
+
+    Parameters
+    ----------
+    cost_fn : callable ``() -> Tensor (B, N, N)``
+        Returns the cost of the *fixed* probe batch under the current model (it is called once per
+        step, under ``torch.no_grad()``). The probe batch must not change between calls.
+    n_iter : int
+        Cold-start Sinkhorn sweeps (unit marginals, log domain), as in the layer.
+    with_cost : bool
+        Return ``(plan, cost)`` instead of the plan, for ``SpeedLimit(separate_cost_drift=True)``.
+
+    Returns
+    -------
+    callable ``eps -> Tensor (B, N, N)`` (or ``(plan, cost)``), to pass as ``probe_fn=``.
+    """
+    if not callable(cost_fn):
+        raise TypeError("`cost_fn` must be a callable returning the probe batch's cost")
+    if int(n_iter) != n_iter or n_iter < 1:
+        raise ValueError(f"`n_iter` must be a positive integer; got {n_iter!r}")
+
+    def probe(eps: float):
+        with torch.no_grad():
+            C = cost_fn()
+            if not isinstance(C, Tensor):
+                raise ValueError("`cost_fn` must return a torch.Tensor of shape (B, N, N)")
+            C = C.detach()
+            P = solve_plan(C, float(eps), n_iter=int(n_iter)).plan
+        return (P, C) if with_cost else P
+
+    return probe
+
+
 class Scheduler:
     """Base class: owns ``eps`` and a :class:`SchedulerHistory`.
 
@@ -221,13 +319,34 @@ class Scheduler:
         Initial temperature ``ε_0 > 0``.
     drift_norm : {"batch", "per_sample", "per_row"}
         The norm in which the drift is logged (and, for closed-loop rules, tested).
+    probe_fn : callable ``eps -> Tensor (B, N, N)`` (or ``-> (plan, cost)``), optional
+        The plan of a *fixed* probe batch at temperature ``eps`` under the current model (see the
+        module docstring and :func:`make_probe`). When given, :meth:`step` is called without a
+        plan and evaluates ``probe_fn(self.eps)`` itself (under ``torch.no_grad()``).
+    logger : callable ``dict -> None``, optional
+        Called after every step with the step's record (see :meth:`SchedulerHistory.records`).
+
+    Usage follows ``torch.optim.lr_scheduler``: ``eps`` / :meth:`get_last_eps` is the value to
+    use now, :meth:`step` advances once per training step, :meth:`state_dict` /
+    :meth:`load_state_dict` save and resume (the probe and the logger are not saved: pass them
+    to the constructor again).
     """
+
+    _TRANSIENT = ("probe_fn", "logger")
 
     name = "scheduler"
 
-    def __init__(self, eps0: float, *, drift_norm: DriftNorm = "per_row"):
+    def __init__(self, eps0: float, *, drift_norm: DriftNorm = "per_row",
+                 probe_fn: Optional[Callable[[float], Union[Tensor, tuple]]] = None,
+                 logger: Optional[Callable[[Dict[str, object]], None]] = None):
         self.eps0 = _pos("eps0", eps0)
         self.drift_norm = _norm_name(drift_norm)
+        if probe_fn is not None and not callable(probe_fn):
+            raise TypeError("`probe_fn` must be a callable eps -> plan of the fixed probe batch")
+        if logger is not None and not callable(logger):
+            raise TypeError("`logger` must be a callable taking one record (a dict)")
+        self.probe_fn = probe_fn
+        self.logger = logger
         self.reset()
 
     # -- public interface ----------------------------------------------------------------------
@@ -255,7 +374,26 @@ class Scheduler:
         -------
         float
             ``ε_{t+1}``, also stored in :attr:`eps`.
+
+        With ``probe_fn`` set, call ``step()`` without a plan: the scheduler evaluates the probe
+        batch at the current ``eps`` itself. Without it, ``plan`` must be the plan of the same
+        fixed probe batch at every call (a training batch's plan compares different samples).
         """
+        if self.probe_fn is not None:
+            if plan is not None:
+                raise ValueError("`plan` was given but the scheduler has a `probe_fn`; call step() "
+                                 "without a plan (the probe batch's plan is computed internally)")
+            with torch.no_grad():
+                out = self.probe_fn(self.eps)
+            if isinstance(out, tuple):
+                if len(out) != 2:
+                    raise ValueError("`probe_fn` must return a plan or a (plan, cost) pair")
+                plan, pcost = out
+                cost = pcost if cost is None else cost
+            else:
+                plan = out
+            if not isinstance(plan, Tensor):
+                raise ValueError("`probe_fn` must return a torch.Tensor plan of shape (B, N, N)")
         if plan is not None:
             plan = _check_plan("plan", plan).detach()
         if cost is not None:
@@ -274,13 +412,62 @@ class Scheduler:
         self.history.brake.append(bool(brake))
         self.history.step.append(eps_t - new_eps)
         self.history.sensitivity.append(float(sens))
+        self.history.bound.append(float(self._bound(eps_t)))
         if plan is not None:
             self._prev = plan.clone()
         if cost is not None:
             self._prev_cost = cost.clone()
         self.eps = float(new_eps)
         self.t += 1
+        if self.logger is not None:
+            self.logger(_record(self.history, len(self.history) - 1))
         return self.eps
+
+    def get_last_eps(self) -> float:
+        """The temperature computed by the last :meth:`step` (``ε_0`` before the first): the ε to
+        use at the current step (as ``get_last_lr`` of a learning-rate scheduler)."""
+        return self.eps
+
+    def state_dict(self) -> Dict[str, object]:
+        """Everything needed to resume: ε, the step count, the stored previous plan (and cost),
+        the rule's internal estimates, the hyper-parameters and the history.
+
+        Plain Python numbers, lists, strings and tensors only, so ``torch.save`` /
+        ``torch.load(..., weights_only=True)`` round-trip it. ``probe_fn`` and ``logger`` are not
+        included (like the lambdas of ``LambdaLR``).
+        """
+        out: Dict[str, object] = {"__class__": type(self).__name__}
+        for key, v in self.__dict__.items():
+            if key in self._TRANSIENT:
+                continue
+            if key == "history":
+                v = {f: list(getattr(v, f)) for f in _HIST_FIELDS}
+            elif isinstance(v, Tensor):
+                v = v.detach().clone()
+            elif isinstance(v, list):
+                v = list(v)
+            out[key] = v
+        return out
+
+    def load_state_dict(self, state_dict: Dict[str, object]) -> None:
+        """Restore a :meth:`state_dict` of the same scheduler class (in place)."""
+        if not isinstance(state_dict, dict):
+            raise TypeError("`state_dict` must be a dict returned by Scheduler.state_dict()")
+        cls = state_dict.get("__class__")
+        if cls != type(self).__name__:
+            raise ValueError(f"`state_dict` was saved from {cls!r}, not {type(self).__name__!r}")
+        for key, v in state_dict.items():
+            if key == "__class__" or key in self._TRANSIENT:
+                continue
+            if key == "history":
+                if not isinstance(v, dict) or set(v) != set(_HIST_FIELDS):
+                    raise ValueError(f"`state_dict['history']` must have the fields {_HIST_FIELDS}")
+                v = SchedulerHistory(**{f: list(v[f]) for f in _HIST_FIELDS})
+            elif isinstance(v, Tensor):
+                v = v.detach().clone()
+            elif isinstance(v, list):
+                v = list(v)
+            setattr(self, key, v)
 
     def eps_at(self, t: Union[int, Sequence[int], np.ndarray]) -> np.ndarray:
         """The closed-form ``ε_t`` (open-loop schedules only)."""
@@ -289,6 +476,10 @@ class Scheduler:
     # -- subclass hooks ------------------------------------------------------------------------
     def _reset_state(self) -> None:
         pass
+
+    def _bound(self, eps: float) -> float:
+        """The drift bound tested at temperature ``eps`` (nan for open-loop schedules)."""
+        return float("nan")
 
     def _next(self, plan: Optional[Tensor], cost: Optional[Tensor], drift: float):
         """Return ``(eps_next, brake, sensitivity)``."""
@@ -423,18 +614,23 @@ class EPHASC(Scheduler):
     drift_norm : {"batch", "per_sample", "per_row"}
         ``"batch"`` (default) is the released test: the Frobenius norm of the whole batch tensor.
         ``"per_sample"`` / ``"per_row"`` make ``k_safe`` independent of the batch size (and of N).
+    probe_fn, logger
+        See :class:`Scheduler`. In a minibatch loop the drift must come from a fixed probe batch.
     """
 
     name = "eph-asc"
 
     def __init__(self, eps0: float = 1.0, alpha: float = 0.95, eps_min: float = 0.01,
-                 k_safe: float = 0.5, *, drift_norm: DriftNorm = "batch"):
+                 k_safe: float = 0.5, *, drift_norm: DriftNorm = "batch", **kw):
         self.alpha = _unit("alpha", alpha)
         self.eps_min = _pos("eps_min", eps_min)
         self.k_safe = _pos("k_safe", k_safe)
         if self.eps_min > _pos("eps0", eps0):
             raise ValueError(f"`eps_min` ({eps_min}) must not exceed `eps0` ({eps0})")
-        super().__init__(eps0, drift_norm=drift_norm)
+        super().__init__(eps0, drift_norm=drift_norm, **kw)
+
+    def _bound(self, eps: float) -> float:
+        return self.k_safe * eps
 
     def _next(self, plan, cost, drift):
         if plan is None:
@@ -447,7 +643,7 @@ class EPHASC(Scheduler):
 
 
 class SpeedLimit(Scheduler):
-    """A rule that enforces the linear law ``‖Δ_t‖ ≤ k·ε_t`` by shrinking the step (notes §5.4).
+    """A rule that enforces the linear law ``‖Δ_t‖ ≤ k·ε_t`` by shrinking the step (Chapter 13).
 
     The next step is ``δ_t = min((1−α)ε_t, δ_law)``, where ``δ_law`` solves
     ``ŝ_pred·δ/ε_t = m·k·(ε_t − δ)``, i.e. ``δ_law = m·k·ε_t² / (ŝ_pred + m·k·ε_t)``. Here
@@ -482,13 +678,18 @@ class SpeedLimit(Scheduler):
         See above (default False).
     n_iter : int
         Sweeps of the extra pass (default 20).
+    probe_fn, logger
+        See :class:`Scheduler` (``probe`` above is the size of the first step, not the probe
+        batch). In a minibatch loop the drift must come from a fixed probe batch; for
+        ``separate_cost_drift`` let ``probe_fn`` return ``(plan, cost)``
+        (``make_probe(..., with_cost=True)``).
     """
 
     name = "speed-limit"
 
     def __init__(self, eps0: float = 1.0, alpha: float = 0.95, eps_min: float = 0.01, k: float = 0.5, *,
                  drift_norm: DriftNorm = "per_row", margin: float = 0.5, probe: float = 0.1,
-                 smoothing: float = 0.0, separate_cost_drift: bool = False, n_iter: int = 20):
+                 smoothing: float = 0.0, separate_cost_drift: bool = False, n_iter: int = 20, **kw):
         self.alpha = _unit("alpha", alpha)
         self.eps_min = _pos("eps_min", eps_min)
         self.k = _pos("k", k)
@@ -507,7 +708,10 @@ class SpeedLimit(Scheduler):
         self.separate_cost_drift = bool(separate_cost_drift)
         if self.eps_min > _pos("eps0", eps0):
             raise ValueError(f"`eps_min` ({eps_min}) must not exceed `eps0` ({eps0})")
-        super().__init__(eps0, drift_norm=drift_norm)
+        super().__init__(eps0, drift_norm=drift_norm, **kw)
+
+    def _bound(self, eps: float) -> float:
+        return self.k * eps
 
     def _reset_state(self) -> None:
         self._s: Optional[float] = None  # dimensionless sensitivity estimate
@@ -754,9 +958,21 @@ class CalibrationResult:
     k_exp : ``max alpha_drift/(αε)`` over the window, the slope plain exponential cooling needs.
     c : least-squares slope of ``γ ≈ cε`` over the window where ``γ/ε`` lies within a factor 2 of its
         maximum (nan if the window is empty).
-    k_linear : ``K·c·e_tol``, the linear-regime prediction of §4.6.
+    k_linear : ``K·c·e_tol``, the linear-regime prediction (valid only where ``Kγ ≪ 1``).
     converged : (T,) bool, whether each reference solve met its tolerance.
     K, alpha, tolerated_error, drift_norm : the settings.
+    method : ``"bound"`` (``k_safe`` from the worst-case bound) or ``"simulate"`` (``k_safe`` from
+        the simulated tracking error, see :func:`calibrate_k_safe`).
+    k_bound_oracle : the bound method's answer (computed by both methods, for comparison).
+    sim_error : the simulated maximal tracking error over the window at ``k_safe`` (method
+        ``"simulate"``; nan for ``"bound"``).
+    k_resolution : the smallest slope the reference grid resolves: below it even one grid step
+        breaks the law somewhere (``max ‖P*_{i+1} − P*_i‖/ε_{i+1}`` over the window).
+    feasible : False when even ``k_resolution`` misses the tolerance (then ``k_safe`` is that
+        resolution and a warning says to refine ``substeps``).
+    n_sims : number of simulated anneals the search ran.
+
+    :meth:`simulate` replays the K-sweep layer along the law-saturating schedule of any slope.
     """
 
     eps: np.ndarray
@@ -777,6 +993,58 @@ class CalibrationResult:
     alpha: float
     tolerated_error: float
     drift_norm: str
+    method: str = "bound"
+    k_bound_oracle: float = float("nan")
+    sim_error: float = float("nan")
+    k_resolution: float = float("nan")
+    feasible: bool = True
+    n_sims: int = 0
+    _ref: Optional[dict] = field(default=None, repr=False, compare=False)
+
+    def simulate(self, k: float) -> Dict[str, np.ndarray]:
+        """Replay a warm-started ``K``-sweep layer along the law-saturating schedule of slope ``k``.
+
+        The schedule walks the reference grid: from ``ε_i`` it jumps to the furthest grid point
+        ``j ≤ i + substeps`` (at most one α-step) with ``‖P*_j − P*_i‖ ≤ k·ε_j`` (one grid point
+        when none qualifies), down to the end of the window. At each visited ε it runs ``K``
+        sweeps from the previous step's potentials (the first from the converged potentials at
+        ``ε_0``) and measures ``‖P_t − P*_{ε_t}‖`` in the drift norm.
+
+        Returns a dict of arrays over the visited steps: ``eps``, ``error``, ``drift`` (the
+        reference drift of each step, nan at the first) and ``index`` (grid indices).
+        """
+        if self._ref is None:
+            raise ValueError("this CalibrationResult carries no reference path to simulate on")
+        return _simulate_law_path(self._ref, _pos("k", k))
+
+    def simulated_k(self, tolerated_error: float, search_iters: int = 24) -> Dict[str, object]:
+        """The ``"simulate"`` oracle's answer for another tolerance, on the same reference path.
+
+        Returns ``{"k": ..., "error": max simulated error at k, "feasible": ..., "n_sims": ...}``
+        (see :func:`calibrate_k_safe`); no new reference solves.
+        """
+        if self._ref is None or len(self._ref["eps"]) < 2:
+            raise ValueError("this CalibrationResult carries no reference path to simulate on")
+        e_tol = _pos("tolerated_error", tolerated_error)
+        if int(search_iters) != search_iters or search_iters < 1:
+            raise ValueError(f"`search_iters` must be a positive integer; got {search_iters!r}")
+        k, err, ok, n = _search_k(self._ref, self.k_resolution, self.k_exp, e_tol, int(search_iters))
+        amp = self.rho_K / (1.0 - self.rho_K)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            act = np.isfinite(self.alpha_drift) & (amp * self.alpha_drift > e_tol) & self.window
+            kb = float(np.min((e_tol / (amp * self.eps))[act])) if act.any() else self.k_exp
+        return {"k": k, "error": err, "feasible": ok, "n_sims": n, "k_bound": kb}
+
+    def steps_needed(self, k: float) -> float:
+        """Steps a schedule that moves the reference plan by exactly ``k·ε`` per step (at most one
+        α-step) needs to cross the window: ``Σ_i max(‖P*_{i+1} − P*_i‖/(k ε_{i+1}), 1/substeps)``
+        over the reference grid (a continuous count, for comparing slopes)."""
+        if self._ref is None:
+            raise ValueError("this CalibrationResult carries no reference path")
+        k = _pos("k", k)
+        eps, plans, m, norm = self._ref["eps"], self._ref["plans"], self._ref["m"], self._ref["norm"]
+        return float(sum(max(plan_drift(plans[i + 1], plans[i], norm) / (k * eps[i + 1]), 1.0 / m)
+                         for i in range(len(eps) - 1)))
 
     def __repr__(self) -> str:
         return (f"CalibrationResult(k_safe={self.k_safe:.4g}, k_exp={self.k_exp:.4g}, c={self.c:.3g}, "
@@ -797,6 +1065,8 @@ def calibrate_k_safe(
     tol: float = 1e-10,
     max_iter: int = 200000,
     window_frac: float = 0.5,
+    method: Literal["bound", "simulate"] = "bound",
+    search_iters: int = 24,
 ) -> CalibrationResult:
     """Offline calibration of ``k_safe`` on a representative cost (our reconstruction of "QSA").
 
@@ -806,8 +1076,10 @@ def calibrate_k_safe(
     ``k`` such that, wherever in the window ``γ(ε) ≳ cε`` an exponential α-step would be unsafe, a
     step obeying
     ``‖Δ‖ ≤ kε`` keeps the tracking-error bound ``ρ^K/(1 − ρ^K)·‖Δ‖`` (steady state of
-    ``e_{t+1} = J^K(e_t − Δ_t)``, ``ρ = 1 − γ``, normal ``J``) below ``tolerated_error``. In the linear
-    regime ``γ ≈ cε`` this is ``k ≈ K·c·tolerated_error``, also reported.
+    ``e_{t+1} = J^K(e_t − Δ_t)``, ``ρ = 1 − γ``, normal ``J``) below ``tolerated_error``. Where ``γ ≈ cε`` and
+    ``Kγ ≪ 1`` this is ``k ≈ K·c·tolerated_error``, also reported (at ``K = 20`` the two conditions
+    do not hold together, Chapter 12, so the formula can be far off). The bound is an upper bound
+    that can be far above the error; ``method="simulate"`` measures the error instead.
 
     Parameters
     ----------
@@ -823,9 +1095,22 @@ def calibrate_k_safe(
         The tracking error (in ``drift_norm``) one is willing to carry.
     window_frac : float in (0, 1)
         The window ends where ``γ/ε`` first falls below ``window_frac`` times its maximum.
+    method : {"bound", "simulate"}
+        ``"bound"``: the largest ``k`` whose worst-case steady-state bound stays below
+        ``tolerated_error`` (above). ``"simulate"``: the largest ``k`` for which a *simulated*
+        warm-started ``K``-sweep layer, annealed along the law-saturating schedule of slope ``k``
+        on the reference grid (:meth:`CalibrationResult.simulate`), keeps its measured tracking
+        error ``‖P_t − P*_t‖`` below ``tolerated_error`` at every step of the window. Found by
+        bisection in ``log k`` between the grid's resolution and the slope of plain exponential
+        cooling (``k_exp``, returned when exponential cooling already meets the tolerance). The
+        bound is an upper bound that can be far from the error (Chapter 13), so this answer is
+        larger; its resolution is set by ``substeps`` (a grid step must be a fraction of a step).
+    search_iters : int
+        Bisection steps of the ``"simulate"`` search.
 
     Cost: ``T = substeps·log(eps_min/eps0)/log α`` converged solves and ``T`` batched ``O(N³)``
-    eigen-solves, run once, offline.
+    eigen-solves, run once, offline; ``"simulate"`` adds about ``search_iters + 2`` simulated
+    anneals of at most ``T`` steps of ``K`` sweeps each.
     """
     C = _check_plan("cost", cost)
     eps0 = _pos("eps0", eps0)
@@ -840,16 +1125,22 @@ def calibrate_k_safe(
     e_tol = _pos("tolerated_error", tolerated_error)
     wf = _unit("window_frac", window_frac)
     _norm_name(drift_norm)
+    if method not in ("bound", "simulate"):
+        raise ValueError(f"`method` must be 'bound' or 'simulate'; got {method!r}")
+    if int(search_iters) != search_iters or search_iters < 1:
+        raise ValueError(f"`search_iters` must be a positive integer; got {search_iters!r}")
     m = int(substeps)
     T = int(math.floor(m * math.log(eps_min / eps0) / math.log(alpha) + 1e-9)) + 1
     eps = eps0 * alpha ** (np.arange(T) / m)
     plans = []
     gam = np.empty(T)
     conv = np.empty(T, dtype=bool)
-    init = None
+    init = init0 = None
     for i, e in enumerate(eps):
         r = solve_plan(C, float(e), n_iter=None, init=init, tol=tol, max_iter=max_iter)
         init = (r.f, r.g)
+        if i == 0:
+            init0 = init
         plans.append(r.plan)
         conv[i] = bool(r.converged.all())
         gam[i] = float(sinkhorn_gap(r.plan).min())
@@ -871,14 +1162,78 @@ def calibrate_k_safe(
     active = np.isfinite(adr) & (amp * adr > e_tol) & win
     with np.errstate(invalid="ignore"):
         k_exp = float(np.nanmax(adr[win] / (alpha * eps[win]))) if np.isfinite(adr[win]).any() else float("nan")
-    k_safe = float(np.min(k_bound[active])) if active.any() else k_exp
+    k_bnd = float(np.min(k_bound[active])) if active.any() else k_exp
     cw = ratio >= 0.5 * np.max(ratio)
     c = float(np.sum(gam[cw] * eps[cw]) / np.sum(eps[cw] ** 2)) if cw.any() else float("nan")
+    n_win = int(win.sum())
+    ref = {"C": C, "eps": eps[:n_win], "plans": plans[:n_win], "init": init0, "m": m, "K": int(K),
+           "norm": drift_norm}
+    step1 = [plan_drift(plans[i + 1], plans[i], drift_norm) / eps[i + 1] for i in range(n_win - 1)]
+    k_res = float(max(step1)) if step1 else float("nan")
+    k_safe, sim_err, feasible, n_sims = k_bnd, float("nan"), True, 0
+    if method == "simulate" and n_win > 1:
+        k_safe, sim_err, feasible, n_sims = _search_k(ref, k_res, k_exp, e_tol, int(search_iters))
+        if not feasible:
+            warnings.warn(f"calibrate_k_safe: even the grid's resolution k = {k_res:.3g} misses "
+                          f"tolerated_error = {e_tol:g} (simulated error {sim_err:.3g}); refine "
+                          "`substeps` or raise the tolerance", RuntimeWarning, stacklevel=2)
     return CalibrationResult(eps=eps, gamma=gam, rho_K=rho_K, sensitivity=sens, alpha_drift=adr,
                              k_bound=k_bound, active=active, window=win, eps_window=float(eps[win].min()),
                              k_safe=k_safe, k_exp=k_exp, c=c,
                              k_linear=K * c * e_tol, converged=conv, K=int(K), alpha=alpha,
-                             tolerated_error=e_tol, drift_norm=drift_norm)
+                             tolerated_error=e_tol, drift_norm=drift_norm, method=method,
+                             k_bound_oracle=k_bnd, sim_error=sim_err, k_resolution=k_res,
+                             feasible=feasible, n_sims=n_sims, _ref=ref)
+
+
+def _simulate_law_path(ref: dict, k: float) -> Dict[str, np.ndarray]:
+    """See :meth:`CalibrationResult.simulate`."""
+    C, eps, plans, m, K, norm = ref["C"], ref["eps"], ref["plans"], ref["m"], ref["K"], ref["norm"]
+    T = len(eps)
+    i = 0
+    init = ref["init"]
+    idx, err, dr = [0], [0.0], [float("nan")]
+    while i < T - 1:
+        j = i + 1
+        for jj in range(min(i + m, T - 1), i, -1):
+            if plan_drift(plans[jj], plans[i], norm) <= k * eps[jj]:
+                j = jj
+                break
+        r = solve_plan(C, float(eps[j]), n_iter=K, init=init)
+        init = (r.f, r.g)
+        idx.append(j)
+        err.append(plan_drift(r.plan, plans[j], norm))
+        dr.append(plan_drift(plans[j], plans[i], norm))
+        i = j
+    ix = np.asarray(idx)
+    return {"eps": eps[ix], "error": np.asarray(err), "drift": np.asarray(dr), "index": ix}
+
+
+def _search_k(ref: dict, k_lo: float, k_hi: float, e_tol: float, iters: int):
+    """Largest k in [k_lo, k_hi] whose simulated max error is <= e_tol (bisection in log k)."""
+    n = 0
+
+    def f(k):
+        nonlocal n
+        n += 1
+        return float(np.max(_simulate_law_path(ref, k)["error"]))
+
+    k_hi = max(k_hi, k_lo) * (1 + 1e-9)
+    e_hi = f(k_hi)
+    if e_hi <= e_tol:
+        return k_hi, e_hi, True, n
+    e_lo = f(k_lo)
+    if e_lo > e_tol:
+        return k_lo, e_lo, False, n
+    lo, hi = math.log(k_lo), math.log(k_hi)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        e_mid = f(math.exp(mid))
+        if e_mid <= e_tol:
+            lo, e_lo = mid, e_mid
+        else:
+            hi = mid
+    return math.exp(lo), e_lo, True, n
 
 
 # ----------------------------------------------------------------------------------------------
