@@ -53,9 +53,9 @@ TABLE: Dict[str, Dict[str, Dict[str, Any]]] = {
     },
     "05_low_pass": {
         "ci": {"n": 64, "eps": (1e-3, 3e-3, 1e-2, 3e-2, 0.1), "eps_tone": 0.003, "tones": (2, 8), "L_tone": 8,
-               "tau_rand": 0.5, "trials": 3},
+               "tau_rand": 0.5, "trials": 3, "schur_draws": 300},
         "full": {"n": 256, "eps": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1), "eps_tone": 0.003, "tones": (4, 40),
-                 "L_tone": 16, "tau_rand": 0.5, "trials": 20},
+                 "L_tone": 16, "tau_rand": 0.5, "trials": 20, "schur_draws": 3000},
     },
     "06_snr_orthogonal_collapse": {
         "ci": {"ns": (4, 16, 64, 256), "n_snr": 17, "xs": (1.0, 3.0), "trials": 20000,
