@@ -53,9 +53,9 @@ TABLE: Dict[str, Dict[str, Dict[str, Any]]] = {
     },
     "05_low_pass": {
         "ci": {"n": 64, "eps": (1e-3, 3e-3, 1e-2, 3e-2, 0.1), "eps_tone": 0.003, "tones": (2, 8), "L_tone": 8,
-               "tau_rand": 0.5, "trials": 3},
+               "tau_rand": 0.5, "trials": 3, "schur_draws": 300},
         "full": {"n": 256, "eps": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1), "eps_tone": 0.003, "tones": (4, 40),
-                 "L_tone": 16, "tau_rand": 0.5, "trials": 20},
+                 "L_tone": 16, "tau_rand": 0.5, "trials": 20, "schur_draws": 3000},
     },
     "06_snr_orthogonal_collapse": {
         "ci": {"ns": (4, 16, 64, 256), "n_snr": 17, "xs": (1.0, 3.0), "trials": 20000,
@@ -71,11 +71,11 @@ TABLE: Dict[str, Dict[str, Dict[str, Any]]] = {
         "ci": {"n": 64, "layers": 32, "tau": 10.0, "alphas": (0.01, 0.05, 0.1, 0.3, 0.5), "n_alpha_grid": 13,
                "d_branch": 16, "taus_branch": (0.3, 1.0, 10.0), "layers_branch": 16,
                "n_jac": 12, "jac_tau_range": (0.1, 100.0), "n_jac_tau": 10,
-               "mhc_taus": (0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0), "mhc_layers": 16, "mhc_iters": 20},
+               "mhc_tau_range": (0.03, 10.0), "n_mhc_tau": 41, "mhc_layers": 16, "mhc_iters": 20},
         "full": {"n": 256, "layers": 32, "tau": 10.0, "alphas": (0.01, 0.05, 0.1, 0.3, 0.5), "n_alpha_grid": 41,
                  "d_branch": 128, "taus_branch": (0.3, 1.0, 10.0), "layers_branch": 64,
                  "n_jac": 32, "jac_tau_range": (0.1, 100.0), "n_jac_tau": 30,
-                 "mhc_taus": (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0), "mhc_layers": 64, "mhc_iters": 20},
+                 "mhc_tau_range": (0.03, 10.0), "n_mhc_tau": 121, "mhc_layers": 64, "mhc_iters": 20},
     },
     "09_dsm_vs_softmax": {
         "ci": {"n": 32, "seeds": 3, "layers": 16, "tau_range": (0.25, 30.0), "n_tau": 9,
