@@ -189,7 +189,13 @@ def legend_outside(target: Any, where: str = "right", *, ncol: Optional[int] = N
         if is_fig:
             kw["loc"] = "outside lower center"
         else:
-            kw.update(loc="upper center", bbox_to_anchor=(0.5, -0.18), borderaxespad=0.0)
+            # below the tick labels and the x label: measure how far they reach under the axes
+            fig = target.figure
+            fig.canvas.draw()
+            r = fig.canvas.get_renderer()
+            box, tight = target.get_window_extent(r), target.get_tightbbox(r)
+            drop = (box.y0 - tight.y0) / max(box.height, 1.0) + 0.02
+            kw.update(loc="upper center", bbox_to_anchor=(0.5, -drop), borderaxespad=0.0)
     kw.update(kwargs)
     return target.legend(handles, labels, title=title, **kw)
 
