@@ -1,6 +1,7 @@
 """Sphinx extension for the book's API appendix (loaded by Sphinx only, never by the library).
 
-The page ``book/api.md`` contains the marker ``<!-- api-modules -->``. At build time the marker is
+The explorer page's marker ``<!-- explorer-data -->`` is replaced by the data of
+:func:`bistochastic.explorer.precompute`, computed at build time. The page ``book/api.md`` contains the marker ``<!-- api-modules -->``. At build time the marker is
 replaced by one ``automodule`` section per public module, read from ``bistochastic.__all__``, so a
 module added to the package appears in the reference without editing the page.
 """
@@ -9,9 +10,16 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
+import re
+from pathlib import Path
 from typing import Any
 
 MARKER = "<!-- api-modules -->"
+EXPLORER_MARKER = "<!-- explorer-data -->"
+THEOREM_MARKER = "<!-- theorem-index -->"
+_RESULT = re.compile(r"(?:`{3,}|:{3,})\{prf:(theorem|lemma|proposition|corollary|definition|conjecture)\}"
+                     r"[ \t]*([^\n]*)\n:label:[ \t]*(\S+)")
 
 
 def public_modules() -> list[str]:
@@ -44,9 +52,43 @@ def api_markdown() -> str:
     return "\n".join(out)
 
 
+def explorer_markdown() -> str:
+    """A raw-HTML block that defines ``window.BS_EXPLORER`` (computed now, by the library)."""
+    from bistochastic import explorer
+
+    js = explorer.to_javascript(explorer.precompute())
+    return "```{raw} html\n<script>\n" + js + "</script>\n```\n"
+
+
+def _chapter_text(path: Path) -> str:
+    if path.suffix == ".ipynb":
+        cells = json.loads(path.read_text(encoding="utf-8")).get("cells", [])
+        return "\n".join("".join(c.get("source", "")) for c in cells if c["cell_type"] == "markdown")
+    return path.read_text(encoding="utf-8")
+
+
+def theorem_index_markdown(book_dir: Path) -> str:
+    """A table of every numbered result of the chapters in ``book_dir``: chapter, kind, title,
+    each linked (``{prf:ref}`` shows the result's number and title)."""
+    stems = sorted({p.stem for p in book_dir.glob("[0-9]*.md")}
+                   | {p.stem for p in book_dir.glob("[0-9]*.ipynb")})
+    rows = ["| chapter | result |", "|---|---|"]
+    for stem in stems:
+        md, nb = book_dir / f"{stem}.md", book_dir / f"{stem}.ipynb"
+        text = _chapter_text(md if md.exists() else nb)
+        for kind, title, label in _RESULT.findall(text):
+            rows.append(f"| {{doc}}`{stem}` | {{prf:ref}}`{label}` |")
+    return "\n".join(rows) + "\n"
+
+
 def _source_read(app: Any, docname: str, source: list[str]) -> None:
+    if THEOREM_MARKER in source[0]:
+        book_dir = Path(app.srcdir) / Path(docname).parent
+        source[0] = source[0].replace(THEOREM_MARKER, theorem_index_markdown(book_dir))
     if MARKER in source[0]:
         source[0] = source[0].replace(MARKER, api_markdown())
+    if EXPLORER_MARKER in source[0]:
+        source[0] = source[0].replace(EXPLORER_MARKER, explorer_markdown())
 
 
 def _module_headings_to_rubrics(app: Any, what: str, name: str, obj: Any, options: Any,
