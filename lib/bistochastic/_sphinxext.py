@@ -105,7 +105,65 @@ def _module_headings_to_rubrics(app: Any, what: str, name: str, obj: Any, option
         i += 1
 
 
+def _register_bibliography_style() -> None:
+    """Bibliography labels that read well: "Sinkhorn 1964", "Dufossé & Uçar 2016",
+    "Sander et al. 2022" (pybtex's alpha style gives "SABPeyre22"); entries sorted by author."""
+    from pybtex.plugin import register_plugin
+    from pybtex.style.formatting.unsrt import Style as Unsrt
+    from pybtex.style.labels import BaseLabelStyle
+    from pybtex.style.sorting.author_year_title import SortingStyle
+
+    def last(person: Any) -> str:
+        from pybtex.richtext import Text
+
+        return str(Text.from_latex(" ".join(person.prelast_names + person.last_names)))
+
+    class AuthorYearLabels(BaseLabelStyle):
+        def format_labels(self, sorted_entries):  # type: ignore[override]
+            seen: dict[str, int] = {}
+            labels = []
+            for e in sorted_entries:
+                people = list(e.persons.get("author") or e.persons.get("editor") or [])
+                etal = any(last(p) == "others" for p in people)
+                people = [p for p in people if last(p) != "others"]
+                if not people:
+                    who = e.key
+                elif etal:
+                    who = f"{last(people[0])} et al."
+                elif False:
+                    who = e.key
+                elif len(people) == 1:
+                    who = last(people[0])
+                elif len(people) == 2:
+                    who = f"{last(people[0])} & {last(people[1])}"
+                else:
+                    who = f"{last(people[0])} et al."
+                lab = f"{who} {e.fields.get('year', '')}".strip()
+                seen[lab] = seen.get(lab, 0) + 1
+                labels.append(lab)
+            count: dict[str, int] = {}
+            for lab in labels:
+                if seen[lab] > 1:
+                    count[lab] = count.get(lab, 0) + 1
+                    yield lab + "abcdefghij"[count[lab] - 1]
+                else:
+                    yield lab
+
+    class BookStyle(Unsrt):
+        default_label_style = "book_author_year"
+        default_sorting_style = "author_year_title"
+
+    for group, name, cls in (("pybtex.style.labels", "book_author_year", AuthorYearLabels),
+                             ("pybtex.style.formatting", "book", BookStyle)):
+        try:
+            register_plugin(group, name, cls)
+        except Exception:  # already registered (a second build in the same process)
+            pass
+    assert SortingStyle  # the sorting plugin ships with pybtex
+
+
 def setup(app: Any) -> dict:
+    _register_bibliography_style()
     app.connect("source-read", _source_read)
     app.connect("autodoc-process-docstring", _module_headings_to_rubrics)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
