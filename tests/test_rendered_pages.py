@@ -333,6 +333,8 @@ def test_explorer_slider_changes_the_figure(scheme, param, site, driver):
     assert res["canvases"] >= 2, "the explorer draws a heat map and a spectrum"
     assert res["changed"], f"moving the {param} slider did not change the figure ({scheme})"
     errors = [e["message"][:200] for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+    if scheme == "file":  # the theme cannot read its stored light/dark mode from file:// pages
+        errors = [m for m in errors if "Got invalid theme mode" not in m]
     assert not errors, f"explorer over {scheme}: console errors {errors[:3]}"
 
 
