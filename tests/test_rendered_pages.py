@@ -216,8 +216,10 @@ const uncaptioned = imgs.filter(i => {
 const links = q('a[href]').map(a => a.href);
 const buttons = q('a.btn, button.btn, .dropdown-launch-buttons a, .header-article-items a')
   .map(a => (a.href || a.getAttribute('data-bs-original-title') || a.title || '') + '');
+const searches = q('.search-button-field, .search-button').filter(e => e.offsetParent !== null
+  && getComputedStyle(e).display !== 'none').length;
 return {prose: clone.innerText, scrollers: scrollers, uncaptioned: uncaptioned,
-        links: links, buttons: buttons, nimg: imgs.length};
+        links: links, buttons: buttons, nimg: imgs.length, searches: searches};
 """
 
 _CACHE: dict = {}
@@ -286,6 +288,12 @@ def test_every_figure_has_a_numbered_caption(page, site, driver):
 def test_no_console_errors(page, site, driver):
     info = _inspect_presentation(page, site, driver)
     assert not info["console"], f"{page}: browser console errors: {info['console'][:4]}"
+
+
+@pytest.mark.parametrize("page", _toc_pages()[:1])
+def test_one_search_box(page, site, driver):
+    info = _inspect_presentation(page, site, driver)
+    assert info["searches"] == 1, f"{page}: {info['searches']} visible search boxes at 1400 px"
 
 
 def _repository_url() -> str:
