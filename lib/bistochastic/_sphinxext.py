@@ -162,6 +162,79 @@ def _register_bibliography_style() -> None:
     assert SortingStyle  # the sorting plugin ships with pybtex
 
 
+BENCH_HEAD = """# Benchmarks
+
+The solver's speed against POT and a plain PyTorch loop, as recorded by the benchmark script of the
+repository (`benchmarks/bench_sinkhorn.py`). [Chapter 2](02_sinkhorn.ipynb) shows a small run of
+the same code; below are the recorded full runs, with the commands that produced them. This page
+is generated from `benchmarks/README.md` by `bistochastic._sphinxext.benchmarks_page` (a test
+keeps the two in sync); the recorded tables are transposed to fit the page.
+
+"""
+
+_DENSE_COLS = ["n", "ε", "floor ms/it", "ours: iterations", "ours: ms/it", "ours: s",
+               "plain loop: iterations", "plain loop: ms/it", "plain loop: s", "POT: iterations",
+               "POT: ms/it", "POT: s", "POT / ours", "plain / ours", "ours / floor"]
+
+
+def _bench_block(lines: list[str]) -> list[str]:
+    """One ``text`` block of the README, made narrow: commands broken before each option,
+    result tables as Markdown tables (dense runs transposed: one column per n)."""
+    if lines and lines[0].startswith(".venv/bin/python"):
+        cmd = lines[0].replace(" --", " \\\n    --")
+        return ["```text", cmd, "```"]
+    out: list[str] = []
+    dense: list[list[str]] = []
+    for ln in lines:
+        if re.match(r"^\s*\d+\s+[\d.e-]+\s+\|", ln):
+            dense.append(ln.replace("|", " ").split())
+            continue
+        if dense:
+            out += _dense_table(dense)
+            dense = []
+        if ln.startswith("## "):
+            out += ["", f"**{ln[3:].strip()}**", ""]
+        elif ln.startswith("# "):
+            out.append(ln[2:].strip() + "  ")
+        elif " | " in ln and not ln.strip().startswith("n "):
+            out += ["| quantity | value |", "|---|---|"]
+            for cell in ln.split(" | "):
+                m = re.match(r"^(.*?)\s+([-\d.e+]+(?: ms)?)$", cell.strip())
+                name, val = (m.group(1), m.group(2)) if m else (cell.strip(), "")
+                out.append(f"| {name} | {val} |")
+            out.append("")
+        elif ln.strip() and not ln.strip().startswith("n "):
+            out.append(ln)
+    if dense:
+        out += _dense_table(dense)
+    return out
+
+
+def _dense_table(rows: list[list[str]]) -> list[str]:
+    out = ["| | " + " | ".join(f"n = {r[0]}" for r in rows) + " |",
+           "|---|" + "---|" * len(rows)]
+    for k, name in enumerate(_DENSE_COLS[1:], start=1):
+        out.append(f"| {name} | " + " | ".join(r[k] if k < len(r) else "" for r in rows) + " |")
+    return out + [""]
+
+
+def benchmarks_page(readme: str) -> str:
+    """The Benchmarks appendix from the text of ``benchmarks/README.md``."""
+    body = readme.split("\n", 1)[1].lstrip("\n")  # drop the README's title
+    out: list[str] = []
+    lines = body.split("\n")
+    i = 0
+    while i < len(lines):
+        if lines[i].strip() == "```text":
+            j = lines.index("```", i + 1)
+            out += _bench_block(lines[i + 1: j])
+            i = j + 1
+        else:
+            out.append(lines[i])
+            i += 1
+    return BENCH_HEAD + "\n".join(out)
+
+
 def setup(app: Any) -> dict:
     _register_bibliography_style()
     app.connect("source-read", _source_read)
