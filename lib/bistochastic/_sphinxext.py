@@ -72,12 +72,14 @@ def theorem_index_markdown(book_dir: Path) -> str:
     each linked (``{prf:ref}`` shows the result's number and title)."""
     stems = sorted({p.stem for p in book_dir.glob("[0-9]*.md")}
                    | {p.stem for p in book_dir.glob("[0-9]*.ipynb")})
-    rows = ["| chapter | result |", "|---|---|"]
+    rows = ["| chapter | result | title |", "|---|---|---|"]
     for stem in stems:
         md, nb = book_dir / f"{stem}.md", book_dir / f"{stem}.ipynb"
         text = _chapter_text(md if md.exists() else nb)
-        for kind, title, label in _RESULT.findall(text):
-            rows.append(f"| {{doc}}`{stem}` | {{prf:ref}}`{label}` |")
+        for k, (kind, title, label) in enumerate(_RESULT.findall(text)):
+            title = title.strip().replace("|", "\\|") or kind
+            chapter = f"{{doc}}`{stem}`" if k == 0 else ""  # the chapter on its first row only
+            rows.append(f"| {chapter} | {{prf:ref}}`{label}` | {title} |")
     return "\n".join(rows) + "\n"
 
 
