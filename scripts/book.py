@@ -231,7 +231,7 @@ def stage(source: str, profile: str) -> Path:
         if not nb.exists():
             sys.exit(f"error: {nb} is missing; run the {'execute' if source == 'executed' else 'record'} step")
         shutil.copyfile(nb, st / "book" / nb.name)
-    for extra in ("figures",):
+    for extra in ("figures", "verdicts"):
         if (BOOK / extra).exists():
             shutil.copytree(BOOK / extra, st / "book" / extra)
     return st

@@ -4,6 +4,11 @@ A page fails when it shows a traceback or error output, a broken image, a Sphinx
 math that MathJax did not render. MathJax is served locally (offline), so a page whose equations
 stay raw TeX fails here.
 
+It also fails on what a reader should never see (issue "a book a researcher reads"): internal codes
+in the text, code or output blocks that scroll sideways at a 1400-px window, figures without a
+numbered caption, browser console errors, links to a repository that does not exist; and it moves
+a slider of the interactive explorer and checks that the figure changes (over http and file://).
+
 Needs Debian's ``chromium`` and ``chromium-driver`` and a built book (``make html-golden`` or
 ``make book``). Without Chromium the tests skip with a message, unless ``BOOK_REQUIRE_BROWSER=1``
 (set by ``.ci/run``), where they fail.
@@ -88,8 +93,10 @@ def driver():
     profile = tempfile.mkdtemp(prefix="chromium-profile-")
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1280,1600", f"--user-data-dir={profile}"):
+                 "--disable-dev-shm-usage", "--window-size=1400,1600", f"--user-data-dir={profile}",
+                 "--allow-file-access-from-files"):
         opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     d = webdriver.Chrome(service=Service(drv), options=opts)
     d.set_page_load_timeout(60)
     d.set_script_timeout(60)
@@ -165,3 +172,198 @@ def test_check_detects_a_broken_page(site, driver, tmp_path):
     assert info["tracebacks"] > 0
     assert info["broken_images"] == ["missing.png"]
     assert info["math_errors"] or info["math_unrendered"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Presentation checks. Each page is loaded once; the checks below read the cached inspection.
+
+# Internal codes readers cannot look up. Tuned against false positives: claim codes are one
+# capital A-D followed by one or two digits as a whole word (not "A100", "L2", "H100"), matched
+# outside math, code and outputs.
+INTERNAL_CODE_PATTERNS = {
+    "claim code": r"(?<![\w/.-])[ABCD]\d{1,2}(?![\w/])",
+    "recipe number": r"\b[Rr]ecipes? [A-Z]?\d",
+    "section sign": r"§",
+    "the team notes": r"\b(the|our|team) notes\b",
+    "doubtful claim number": r"\b[Dd]oubtful claim \d",
+    "theorem code": r"\((T|L)\d{1,2}\)",
+}
+# Repositories that are known not to exist (the template placeholder of the book's own URL).
+DEAD_REPOSITORIES = ("github.com/bistochastic/bistochastic-book",)
+
+_PRESENT = r"""
+const q = (s, root) => Array.from((root || document).querySelectorAll(s));
+const art = document.querySelector('main article') || document.querySelector('article')
+            || document.body;
+// prose: the article without math, code inputs and cell outputs
+const clone = art.cloneNode(true);
+q('.math, mjx-container, script, style, .cell_input, .cell_output, pre, code, .highlight',
+  clone).forEach(e => e.remove());
+// overflow of code, outputs, tables and display math
+const scrollers = q('div.highlight pre, .cell_output pre, .output pre, .cell_output table, '
+                    + 'article table, div.math, mjx-container[display="true"]', art)
+  .filter(e => e.offsetParent !== null && e.scrollWidth > e.clientWidth + 2)
+  .map(e => ({tag: e.tagName, over: e.scrollWidth - e.clientWidth,
+              text: (e.innerText || '').trim().slice(0, 60)}));
+// figures: every image in the article must sit in a <figure> with a caption number
+const imgs = q('img', art).filter(i => !i.closest('.sidebar, header, nav, .bd-header'));
+const uncaptioned = imgs.filter(i => {
+  const f = i.closest('figure');
+  if (!f) return true;
+  const c = f.querySelector('figcaption');
+  return !c || !c.querySelector('.caption-number');
+}).map(i => (i.getAttribute('alt') || i.getAttribute('src') || '').slice(0, 80));
+const links = q('a[href]').map(a => a.href);
+const buttons = q('a.btn, button.btn, .dropdown-launch-buttons a, .header-article-items a')
+  .map(a => (a.href || a.getAttribute('data-bs-original-title') || a.title || '') + '');
+const searches = q('.search-button-field, .search-button').filter(e => e.offsetParent !== null
+  && getComputedStyle(e).display !== 'none').length;
+return {prose: clone.innerText, scrollers: scrollers, uncaptioned: uncaptioned,
+        links: links, buttons: buttons, nimg: imgs.length, searches: searches};
+"""
+
+_CACHE: dict = {}
+
+
+def _inspect_presentation(page, site, driver):
+    if page not in _CACHE:
+        driver.get_log("browser")  # drop what earlier pages logged
+        driver.get(f"{site}/{page}.html")
+        driver.execute_async_script(_WAIT_MATHJAX)
+        info = driver.execute_script(_PRESENT)
+        info["console"] = [e["message"][:200] for e in driver.get_log("browser")
+                           if e.get("level") == "SEVERE"]
+        _CACHE[page] = info
+    return _CACHE[page]
+
+
+def internal_codes(text: str) -> list[str]:
+    """Every internal-code match in ``text``, as 'kind: match (context)'."""
+    import re
+
+    found = []
+    for kind, pat in INTERNAL_CODE_PATTERNS.items():
+        for m in re.finditer(pat, text):
+            ctx = text[max(0, m.start() - 30): m.end() + 30].replace("\n", " ")
+            found.append(f"{kind}: {m.group(0)!r} in '...{ctx}...'")
+    return found
+
+
+def test_internal_code_patterns_are_tuned():
+    """The patterns catch the codes the book used to show and leave ordinary text alone."""
+    bad = ["as claim A3 states", "see B5.", "recipe 6 of", "recipe C13", "in §7.2",
+           "doubtful claim 6 of the team notes", "Theorem (T1)", "lemma (L3)"]
+    good = ["an A100 GPU", "the L2 norm", "H100 and H200", "Figure 3", "Chapter 12", "n = 64",
+            "arXiv 2601.02080", "B-spline", "sha A1b2c3", "ε = 1e-3"]
+    for t in bad:
+        assert internal_codes(t), t
+    for t in good:
+        assert not internal_codes(t), (t, internal_codes(t))
+
+
+@pytest.mark.parametrize("page", _toc_pages())
+def test_no_internal_codes(page, site, driver):
+    info = _inspect_presentation(page, site, driver)
+    found = internal_codes(info["prose"])
+    assert not found, f"{page}: {len(found)} internal code(s): {found[:6]}"
+
+
+@pytest.mark.parametrize("page", _toc_pages())
+def test_no_horizontal_overflow(page, site, driver):
+    info = _inspect_presentation(page, site, driver)
+    assert not info["scrollers"], (
+        f"{page}: {len(info['scrollers'])} block(s) scroll sideways at 1400 px: "
+        f"{info['scrollers'][:4]}")
+
+
+@pytest.mark.parametrize("page", _toc_pages())
+def test_every_figure_has_a_numbered_caption(page, site, driver):
+    info = _inspect_presentation(page, site, driver)
+    assert not info["uncaptioned"], (
+        f"{page}: {len(info['uncaptioned'])} figure(s) without a numbered caption: "
+        f"{info['uncaptioned'][:4]}")
+
+
+@pytest.mark.parametrize("page", _toc_pages())
+def test_no_console_errors(page, site, driver):
+    info = _inspect_presentation(page, site, driver)
+    assert not info["console"], f"{page}: browser console errors: {info['console'][:4]}"
+
+
+@pytest.mark.parametrize("page", _toc_pages()[:1])
+def test_one_search_box(page, site, driver):
+    info = _inspect_presentation(page, site, driver)
+    assert info["searches"] == 1, f"{page}: {info['searches']} visible search boxes at 1400 px"
+
+
+def _repository_url() -> str:
+    cfg = yaml.safe_load((ROOT / "_config.yml").read_text())
+    return ((cfg.get("repository") or {}).get("url") or "").strip()
+
+
+@pytest.mark.parametrize("page", _toc_pages())
+def test_no_link_to_a_missing_repository(page, site, driver):
+    info = _inspect_presentation(page, site, driver)
+    dead = [h for h in info["links"] + info["buttons"] if any(d in h for d in DEAD_REPOSITORIES)]
+    assert not dead, f"{page}: links to a repository that does not exist: {dead[:4]}"
+    if not _repository_url():  # no repository configured: no repository/launch buttons at all
+        launch = [h for h in info["buttons"]
+                  if any(k in h for k in ("mybinder", "colab.research", "/issues", "github.com"))]
+        assert not launch, f"{page}: repository or launch buttons without a repository: {launch}"
+
+
+_EXPLORER = "book/explorer"
+
+_SLIDE = r"""
+const name = arguments[0];
+const s = document.querySelector('input[type=range][data-param="' + name + '"]');
+if (!s) return {error: 'no slider ' + name};
+const snap = () => Array.from(document.querySelectorAll('#explorer canvas'))
+  .map(c => c.toDataURL()).join('|') + (document.querySelector('#explorer-readout') || {}).textContent;
+const before = snap();
+s.value = s.value === s.max ? s.min : s.max;
+s.dispatchEvent(new Event('input', {bubbles: true}));
+const after = snap();
+return {changed: before !== after, canvases: document.querySelectorAll('#explorer canvas').length,
+        readout: (document.querySelector('#explorer-readout') || {}).textContent || ''};
+"""
+
+
+@pytest.mark.skipif(_EXPLORER not in _toc_pages(), reason="no explorer page in the ToC")
+@pytest.mark.parametrize("scheme", ["http", "file"])
+@pytest.mark.parametrize("param", ["tau", "n", "iters", "scale"])
+def test_explorer_slider_changes_the_figure(scheme, param, site, driver):
+    url = f"{site}/{_EXPLORER}.html" if scheme == "http" else (HTML / f"{_EXPLORER}.html").as_uri()
+    driver.get_log("browser")
+    driver.get(url)
+    res = driver.execute_script(_SLIDE, param)
+    assert "error" not in res, res
+    assert res["canvases"] >= 2, "the explorer draws a heat map and a spectrum"
+    assert res["changed"], f"moving the {param} slider did not change the figure ({scheme})"
+    errors = [e["message"][:200] for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+    if scheme == "file":  # the theme cannot read its stored light/dark mode from file:// pages
+        errors = [m for m in errors if "Got invalid theme mode" not in m]
+    assert not errors, f"explorer over {scheme}: console errors {errors[:3]}"
+
+
+def test_presentation_checks_can_fail(site, driver):
+    """A page with an internal code, an overflowing block, an uncaptioned figure, a console error
+    and a dead repository link is caught by every check."""
+    bad = HTML / "_bad_presentation.html"
+    bad.write_text(
+        "<html><body><main><article><p>As claim A3 of the notes says (see §7.2).</p>"
+        "<div class='highlight'><pre style='width:300px;overflow:auto'>" + "x" * 400 + "</pre></div>"
+        "<img src='_static/none.png' alt='a plot'>"
+        "<a href='https://github.com/bistochastic/bistochastic-book'>repo</a>"
+        "<script>console.error('boom')</script></article></main></body></html>"
+    )
+    try:
+        _CACHE.pop("_bad_presentation", None)
+        info = _inspect_presentation("_bad_presentation", site, driver)
+    finally:
+        bad.unlink()
+        _CACHE.pop("_bad_presentation", None)
+    assert len(internal_codes(info["prose"])) >= 3
+    assert info["scrollers"] and info["uncaptioned"]
+    assert any("boom" in m for m in info["console"])
+    assert any(DEAD_REPOSITORIES[0] in h for h in info["links"])

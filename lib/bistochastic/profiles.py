@@ -24,8 +24,8 @@ PROFILES = ("ci", "full")
 # One entry per chapter: {"ci": {...}, "full": {...}}. Keep the keys identical across profiles.
 TABLE: Dict[str, Dict[str, Dict[str, Any]]] = {
     "00_preface": {
-        "ci": {"n": 8, "tau": 0.5},
-        "full": {"n": 8, "tau": 0.5},
+        "ci": {"n": 8, "tau": 0.5, "tau_hi": 5.0},
+        "full": {"n": 8, "tau": 0.5, "tau_hi": 5.0},
     },
     "01_birkhoff": {
         "ci": {"n_decomp": 6, "n_counts": (2, 3, 4, 5, 6, 7, 8), "count_trials": 4, "n_bary": 4,

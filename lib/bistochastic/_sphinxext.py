@@ -1,0 +1,244 @@
+"""Sphinx extension for the book's API appendix (loaded by Sphinx only, never by the library).
+
+The explorer page's marker ``<!-- explorer-data -->`` is replaced by the data of
+:func:`bistochastic.explorer.precompute`, computed at build time. The page ``book/api.md`` contains the marker ``<!-- api-modules -->``. At build time the marker is
+replaced by one ``automodule`` section per public module, read from ``bistochastic.__all__``, so a
+module added to the package appears in the reference without editing the page.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+MARKER = "<!-- api-modules -->"
+EXPLORER_MARKER = "<!-- explorer-data -->"
+THEOREM_MARKER = "<!-- theorem-index -->"
+_RESULT = re.compile(r"(?:`{3,}|:{3,})\{prf:(theorem|lemma|proposition|corollary|definition|conjecture)\}"
+                     r"[ \t]*([^\n]*)\n:label:[ \t]*(\S+)")
+
+
+def public_modules() -> list[str]:
+    """Dotted names of the public modules of ``bistochastic``, in the order of ``__all__``."""
+    pkg = importlib.import_module("bistochastic")
+    names = []
+    for name in getattr(pkg, "__all__", []):
+        obj = getattr(pkg, name, None)
+        if inspect.ismodule(obj):
+            names.append(obj.__name__)
+    # the solver's names are re-exported at the top level; its module comes first
+    solver = "bistochastic.sinkhorn"
+    return [solver] + [m for m in names if m != solver]
+
+
+def api_markdown() -> str:
+    """MyST text: the top-level names, then one section per module with its members."""
+    out = []
+    for mod in public_modules():
+        out += [
+            f"## `{mod}`",
+            "",
+            "```{eval-rst}",
+            f".. automodule:: {mod}",
+            "   :members:",
+            "   :show-inheritance:",
+            "```",
+            "",
+        ]
+    return "\n".join(out)
+
+
+def explorer_markdown() -> str:
+    """A raw-HTML block that defines ``window.BS_EXPLORER`` (computed now, by the library)."""
+    from bistochastic import explorer
+
+    js = explorer.to_javascript(explorer.precompute())
+    return "```{raw} html\n<script>\n" + js + "</script>\n```\n"
+
+
+def _chapter_text(path: Path) -> str:
+    if path.suffix == ".ipynb":
+        cells = json.loads(path.read_text(encoding="utf-8")).get("cells", [])
+        return "\n".join("".join(c.get("source", "")) for c in cells if c["cell_type"] == "markdown")
+    return path.read_text(encoding="utf-8")
+
+
+def theorem_index_markdown(book_dir: Path) -> str:
+    """A table of every numbered result of the chapters in ``book_dir``: chapter, kind, title,
+    each linked (``{prf:ref}`` shows the result's number and title)."""
+    stems = sorted({p.stem for p in book_dir.glob("[0-9]*.md")}
+                   | {p.stem for p in book_dir.glob("[0-9]*.ipynb")})
+    rows = ["| chapter | result | title |", "|---|---|---|"]
+    for stem in stems:
+        md, nb = book_dir / f"{stem}.md", book_dir / f"{stem}.ipynb"
+        text = _chapter_text(md if md.exists() else nb)
+        for k, (kind, title, label) in enumerate(_RESULT.findall(text)):
+            title = title.strip().replace("|", "\\|") or kind
+            chapter = f"{{doc}}`{stem}`" if k == 0 else ""  # the chapter on its first row only
+            rows.append(f"| {chapter} | {{prf:ref}}`{label}` | {title} |")
+    return "\n".join(rows) + "\n"
+
+
+def _source_read(app: Any, docname: str, source: list[str]) -> None:
+    if THEOREM_MARKER in source[0]:
+        book_dir = Path(app.srcdir) / Path(docname).parent
+        source[0] = source[0].replace(THEOREM_MARKER, theorem_index_markdown(book_dir))
+    if MARKER in source[0]:
+        source[0] = source[0].replace(MARKER, api_markdown())
+    if EXPLORER_MARKER in source[0]:
+        source[0] = source[0].replace(EXPLORER_MARKER, explorer_markdown())
+
+
+def _module_headings_to_rubrics(app: Any, what: str, name: str, obj: Any, options: Any,
+                                lines: list[str]) -> None:
+    """Module docstrings use RST section titles ("Conventions" + a line of dashes); inside the
+    API page these would become sections with clashing targets. Render them as rubrics."""
+    if what != "module":
+        return
+    i = 0
+    while i + 1 < len(lines):
+        title, under = lines[i].strip(), lines[i + 1].strip()
+        if title and under and set(under) <= set("-=~^") and len(under) >= len(title):
+            lines[i: i + 2] = [f".. rubric:: {title}", ""]
+        i += 1
+
+
+def _register_bibliography_style() -> None:
+    """Bibliography labels that read well: "Sinkhorn 1964", "Dufossé & Uçar 2016",
+    "Sander et al. 2022" (pybtex's alpha style gives "SABPeyre22"); entries sorted by author."""
+    from pybtex.plugin import register_plugin
+    from pybtex.style.formatting.unsrt import Style as Unsrt
+    from pybtex.style.labels import BaseLabelStyle
+    from pybtex.style.sorting.author_year_title import SortingStyle
+
+    def last(person: Any) -> str:
+        from pybtex.richtext import Text
+
+        return str(Text.from_latex(" ".join(person.prelast_names + person.last_names)))
+
+    class AuthorYearLabels(BaseLabelStyle):
+        def format_labels(self, sorted_entries):  # type: ignore[override]
+            seen: dict[str, int] = {}
+            labels = []
+            for e in sorted_entries:
+                people = list(e.persons.get("author") or e.persons.get("editor") or [])
+                etal = any(last(p) == "others" for p in people)
+                people = [p for p in people if last(p) != "others"]
+                if not people:
+                    who = e.key
+                elif etal:
+                    who = f"{last(people[0])} et al."
+                elif False:
+                    who = e.key
+                elif len(people) == 1:
+                    who = last(people[0])
+                elif len(people) == 2:
+                    who = f"{last(people[0])} & {last(people[1])}"
+                else:
+                    who = f"{last(people[0])} et al."
+                lab = f"{who} {e.fields.get('year', '')}".strip()
+                seen[lab] = seen.get(lab, 0) + 1
+                labels.append(lab)
+            count: dict[str, int] = {}
+            for lab in labels:
+                if seen[lab] > 1:
+                    count[lab] = count.get(lab, 0) + 1
+                    yield lab + "abcdefghij"[count[lab] - 1]
+                else:
+                    yield lab
+
+    class BookStyle(Unsrt):
+        default_label_style = "book_author_year"
+        default_sorting_style = "author_year_title"
+
+    for group, name, cls in (("pybtex.style.labels", "book_author_year", AuthorYearLabels),
+                             ("pybtex.style.formatting", "book", BookStyle)):
+        try:
+            register_plugin(group, name, cls)
+        except Exception:  # already registered (a second build in the same process)
+            pass
+    assert SortingStyle  # the sorting plugin ships with pybtex
+
+
+BENCH_HEAD = """# Benchmarks
+
+The solver's speed against POT and a plain PyTorch loop, as recorded by the benchmark script of the
+repository (`benchmarks/bench_sinkhorn.py`). [Chapter 2](02_sinkhorn.ipynb) shows a small run of
+the same code; below are the recorded full runs, with the commands that produced them. This page
+is generated from `benchmarks/README.md` by `bistochastic._sphinxext.benchmarks_page` (a test
+keeps the two in sync); the recorded tables are transposed to fit the page.
+
+"""
+
+_DENSE_COLS = ["n", "ε", "floor ms/it", "ours: iterations", "ours: ms/it", "ours: s",
+               "plain loop: iterations", "plain loop: ms/it", "plain loop: s", "POT: iterations",
+               "POT: ms/it", "POT: s", "POT / ours", "plain / ours", "ours / floor"]
+
+
+def _bench_block(lines: list[str]) -> list[str]:
+    """One ``text`` block of the README, made narrow: commands broken before each option,
+    result tables as Markdown tables (dense runs transposed: one column per n)."""
+    if lines and lines[0].startswith(".venv/bin/python"):
+        cmd = lines[0].replace(" --", " \\\n    --")
+        return ["```text", cmd, "```"]
+    out: list[str] = []
+    dense: list[list[str]] = []
+    for ln in lines:
+        if re.match(r"^\s*\d+\s+[\d.e-]+\s+\|", ln):
+            dense.append(ln.replace("|", " ").split())
+            continue
+        if dense:
+            out += _dense_table(dense)
+            dense = []
+        if ln.startswith("## "):
+            out += ["", f"**{ln[3:].strip()}**", ""]
+        elif ln.startswith("# "):
+            out.append(ln[2:].strip() + "  ")
+        elif " | " in ln and not ln.strip().startswith("n "):
+            out += ["| quantity | value |", "|---|---|"]
+            for cell in ln.split(" | "):
+                m = re.match(r"^(.*?)\s+([-\d.e+]+(?: ms)?)$", cell.strip())
+                name, val = (m.group(1), m.group(2)) if m else (cell.strip(), "")
+                out.append(f"| {name} | {val} |")
+            out.append("")
+        elif ln.strip() and not ln.strip().startswith("n "):
+            out.append(ln)
+    if dense:
+        out += _dense_table(dense)
+    return out
+
+
+def _dense_table(rows: list[list[str]]) -> list[str]:
+    out = ["| | " + " | ".join(f"n = {r[0]}" for r in rows) + " |",
+           "|---|" + "---|" * len(rows)]
+    for k, name in enumerate(_DENSE_COLS[1:], start=1):
+        out.append(f"| {name} | " + " | ".join(r[k] if k < len(r) else "" for r in rows) + " |")
+    return out + [""]
+
+
+def benchmarks_page(readme: str) -> str:
+    """The Benchmarks appendix from the text of ``benchmarks/README.md``."""
+    body = readme.split("\n", 1)[1].lstrip("\n")  # drop the README's title
+    out: list[str] = []
+    lines = body.split("\n")
+    i = 0
+    while i < len(lines):
+        if lines[i].strip() == "```text":
+            j = lines.index("```", i + 1)
+            out += _bench_block(lines[i + 1: j])
+            i = j + 1
+        else:
+            out.append(lines[i])
+            i += 1
+    return BENCH_HEAD + "\n".join(out)
+
+
+def setup(app: Any) -> dict:
+    _register_bibliography_style()
+    app.connect("source-read", _source_read)
+    app.connect("autodoc-process-docstring", _module_headings_to_rubrics)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -1,0 +1,54 @@
+"""The book's generated pages: API module list, index of results, benchmarks appendix."""
+
+from pathlib import Path
+
+from bistochastic import _sphinxext
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_api_lists_every_public_module():
+    import bistochastic as bs
+
+    mods = _sphinxext.public_modules()
+    assert mods[0] == "bistochastic.sinkhorn"
+    for name in bs.__all__:
+        obj = getattr(bs, name)
+        if hasattr(obj, "__file__"):
+            assert obj.__name__ in mods
+    text = _sphinxext.api_markdown()
+    assert all(f".. automodule:: {m}" in text for m in mods)
+
+
+def test_theorem_index_finds_labelled_results(tmp_path):
+    (tmp_path / "01_a.md").write_text(
+        "# 1. A\n\n```{prf:theorem} Big one\n:label: thm-a\n\nx\n```\n\n"
+        ":::{prf:lemma} Small\n:label: lem-b\n\ny\n:::\n\n```{prf:proof}\nz\n```\n")
+    text = _sphinxext.theorem_index_markdown(tmp_path)
+    assert "{prf:ref}`thm-a`" in text and "{prf:ref}`lem-b`" in text
+    assert text.count("{prf:ref}") == 2  # proofs are not results
+    assert "Big one" in text and "Small" in text  # titles are listed
+
+
+def test_module_headings_become_rubrics():
+    lines = ["Intro.", "", "Conventions", "-----------", "text"]
+    _sphinxext._module_headings_to_rubrics(None, "module", "m", None, None, lines)
+    assert ".. rubric:: Conventions" in lines and "-----------" not in lines
+
+
+def test_benchmarks_appendix_matches_the_readme():
+    readme = (ROOT / "benchmarks" / "README.md").read_text()
+    page = (ROOT / "book" / "benchmarks.md").read_text()
+    assert page == _sphinxext.benchmarks_page(readme), (
+        "book/benchmarks.md is stale: regenerate it with "
+        "bistochastic._sphinxext.benchmarks_page(benchmarks/README.md)")
+
+
+def test_benchmarks_page_is_narrow():
+    page = _sphinxext.benchmarks_page((ROOT / "benchmarks" / "README.md").read_text())
+    in_code = False
+    for line in page.splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        elif in_code:
+            assert len(line) <= 88, line  # code blocks must not scroll sideways

@@ -1,0 +1,71 @@
+"""The explorer's precomputed data: what the page shows is what the library computes."""
+
+import base64
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import bistochastic as bs
+from bistochastic import explorer
+
+
+@pytest.fixture(scope="module")
+def data():
+    return explorer.precompute(ns=(3, 6), tau_exp=(-2, 0, 2), scale_exp=(0, 1), iters=(1, 5, 200))
+
+
+def _plan(case, n):
+    q = np.frombuffer(base64.b64decode(case["plan"]), dtype=np.uint8).reshape(n, n)
+    return q / 255 * case["vmax"]
+
+
+def test_grids_and_ratio_index(data):
+    assert data["ratio_exp"] == sorted({j - k for j in (0, 1) for k in (-2, 0, 2)})
+    assert len(data["viridis"]) == 256
+    for n in (3, 6):
+        assert len(data["cases"][str(n)]) == len(data["ratio_exp"])
+        assert all(len(r) == 3 for r in data["cases"][str(n)])
+
+
+def test_values_agree_with_the_library(data):
+    n, r_idx, k_idx = 6, 2, 1
+    r, K = data["ratio_exp"][r_idx], data["iters"][k_idx]
+    S = torch.randn(n, n, generator=torch.Generator().manual_seed(0 + n), dtype=torch.float64)
+    res = bs.project_dsm(S, tau=2.0 ** (-r), n_iter=K, engine="log", momentum=None)
+    case = data["cases"][str(n)][r_idx][k_idx]
+    sv = torch.linalg.svdvals(res.plan)
+    assert case["sigma2"] == pytest.approx(float(sv[1]), rel=1e-3)  # stored at 4 digits
+    assert case["err"] == pytest.approx(float(res.marginal_error), rel=1e-3)
+    # 8-bit image of the plan: within half a quantisation step of the max entry
+    assert np.abs(_plan(case, n) - res.plan.numpy()).max() <= case["vmax"] / 255
+
+
+def test_more_sweeps_reduce_the_marginal_error_and_sigma2_is_below_one(data):
+    for n in ("3", "6"):
+        for per_iter in data["cases"][n]:
+            assert per_iter[-1]["err"] <= per_iter[0]["err"] + 1e-12
+            assert per_iter[-1]["sigma2"] <= 1.0 + 1e-3  # a converged DSM never expands
+
+
+def test_javascript_is_a_script_assignment(data):
+    js = explorer.to_javascript(data)
+    assert js.startswith("window.BS_EXPLORER = ") and js.rstrip().endswith(";")
+    assert json.loads(js[len("window.BS_EXPLORER = "):].rstrip().rstrip(";")) == data
+    with pytest.raises(ValueError, match="name"):
+        explorer.to_javascript(data, name="bad name")
+
+
+def test_full_grid_is_small_enough_to_embed():
+    d = explorer.precompute(ns=(32,), tau_exp=explorer.DEFAULT_TAU_EXP, iters=(1,))
+    assert len(explorer.to_javascript(d)) < 60_000  # the largest n dominates the page weight
+
+
+def test_bad_input_raises():
+    with pytest.raises(ValueError, match="n must be"):
+        explorer.precompute(ns=(1,))
+    with pytest.raises(ValueError, match="sweeps"):
+        explorer.precompute(iters=(0,))
+    with pytest.raises(ValueError, match="non-empty"):
+        explorer.precompute(ns=())
