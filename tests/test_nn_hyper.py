@@ -35,8 +35,11 @@ def test_h_res_doubly_stochastic_and_shapes(mode, init):
     assert hc.last_pre.shape == want[:-1] and hc.last_post.shape == want[:-1]
     assert not H.requires_grad
     assert bool((H >= 0).all())
-    assert torch.allclose(H.sum(-1), torch.ones_like(H.sum(-1)), atol=1e-10)
+    # 20 fixed iterations end on a column update: columns exact, rows within what is left of
+    # the linear convergence (slow for near-identity plans: sigma_2 close to 1)
     assert torch.allclose(H.sum(-2), torch.ones_like(H.sum(-2)), atol=1e-10)
+    row_err = float((H.sum(-1) - 1).abs().max())
+    assert row_err < (1e-10 if (mode == "static" and init != "random") else 1e-3)
     assert hc.tau > 0
 
 
@@ -52,7 +55,9 @@ def test_identity_init_is_the_identity():
     mild = _hc("static", "mild")
     mild(torch.randn(1, 2, 4, 6, dtype=torch.float64))
     d = float(identity_distance(mild.last_mixing))
-    assert 0.3 < d < math.sqrt(3) - 0.3  # strictly between I and J
+    c = math.exp(-4.0)  # closed form for logits 0 / -4 at tau = 1: H = (I + c(11^T - I)) / (1 + 3c)
+    assert d == pytest.approx(math.sqrt(4 * (1 - 1 / (1 + 3 * c)) ** 2 + 12 * (c / (1 + 3 * c)) ** 2),
+                              rel=1e-9)
 
 
 def test_uniform_init_is_J():
@@ -231,7 +236,9 @@ def test_symmetry_broken_by_onehot_read():
     write gates become unequal after one step, the streams differ, and H_res starts learning.
     Two are structurally dead with copied streams and a mean collapse: the first (it mixes
     copies) and the last (column sums are 1, so the mean of H_res X is the mean of X)."""
-    hyper = GPT(_cfg(residual="hyper", hc_init="mild", hc_pre_init="onehot"),
+    # off-diagonal logit -1: Sinkhorn converged to round-off in 20 iterations, so the row sums of
+    # H_res do not respond to the logits (at -4 they still do, by about 0.93^40)
+    hyper = GPT(_cfg(residual="hyper", hc_init="mild", hc_offdiag=-1.0, hc_pre_init="onehot"),
                 generator=torch.Generator().manual_seed(7)).double()
     opt = torch.optim.Adam(hyper.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(1)
@@ -282,3 +289,16 @@ def test_train_records_diagnostics():
     assert len(log.id_dist) == 3 and len(log.id_dist[0]) == 2
     assert all(0 <= s <= 1 + 1e-9 for s in log.sigma2_prod)
     assert all(math.isfinite(v) for v in log.val_loss)
+
+
+@pytest.mark.parametrize("kw", [dict(hc_init="random"), dict(hc_mode="dynamic"),
+                                dict(stream_init="embed")])
+def test_plain_and_hyper_share_block_weights(kw):
+    plain = GPT(_cfg(), generator=torch.Generator().manual_seed(3))
+    hyper = GPT(_cfg(residual="hyper", **kw), generator=torch.Generator().manual_seed(3))
+    hp = dict(hyper.named_parameters())
+    for k, v in plain.named_parameters():
+        if k.startswith("blocks."):
+            i, rest = k.split(".", 2)[1:]
+            k = f"blocks.{i}.block.{rest}"
+        assert torch.equal(v, hp[k]), k

@@ -92,7 +92,9 @@ class GPT(nn.Module):
     """Character-level GPT. ``forward(idx (B, T)) -> logits (B, T, vocab)``.
 
     ``forward(idx, targets)`` returns ``(logits, loss)`` with the mean cross-entropy. Weights
-    are drawn from ``generator`` (a CPU ``torch.Generator``) when given.
+    are drawn from ``generator`` (a CPU ``torch.Generator``) when given: first the embeddings and
+    blocks (the same draws whatever the residual, so a plain and a hyper model built from equal
+    generators share their block weights), then the per-stream offsets and mixing parameters.
     """
 
     def __init__(self, config: GPTConfig, generator: Optional[torch.Generator] = None):
@@ -113,8 +115,7 @@ class GPT(nn.Module):
                 if c.residual == "hyper":
                     f = HyperConnections(f, d, c.n_streams, mode=c.hc_mode, init=c.hc_init,
                                          tau=c.hc_tau, offdiag=c.hc_offdiag, n_iter=c.hc_n_iter,
-                                         pre_init=c.hc_pre_init, layer_index=2 * l + j,
-                                         generator=generator)
+                                         pre_init=c.hc_pre_init, layer_index=2 * l + j)
                 self.blocks.append(f)
         self.stream_embed = (nn.Parameter(torch.zeros(c.n_streams, d))
                              if c.residual == "hyper" and c.stream_init == "embed" else None)
@@ -122,10 +123,13 @@ class GPT(nn.Module):
         self.head = nn.Linear(d, c.vocab_size, bias=False)
         self.head.weight = self.tok.weight  # tied
         self._init_weights(generator)
+        for h in self.hyper_layers():  # drawn after the blocks: same block weights as "plain"
+            h.reset_parameters(generator)
 
     def _init_weights(self, g: Optional[torch.Generator]) -> None:
         std_proj = 0.02 / math.sqrt(2 * self.config.n_layer)
-        for name, p in self.named_parameters():
+        named = sorted(self.named_parameters(), key=lambda kv: kv[0] == "stream_embed")
+        for name, p in named:  # the per-stream offsets last: the same block draws as "plain"
             if isinstance(self.config, GPTConfig) and ("res_logits" in name or "pre_logits" in name
                                                        or "post_logits" in name or "alpha" in name
                                                        or "phi" in name or "norm_weight" in name):
@@ -177,7 +181,8 @@ class TrainLog:
     dynamic weights), ``id_dist`` (per hyper-connection, the token-mean ``||H_res - I||_F`` on
     the validation probe batch, list of lists), ``sigma2_prod`` (token-mean ``sigma_2`` of the
     depth product of ``H_res``), ``sigma2_layers`` (per layer, token-mean ``sigma_2(H_res)``),
-    ``stream_spread`` (relative spread of the streams before the collapse).
+    ``stream_spread`` (relative spread of the streams before the collapse), ``mixing`` (the
+    token-mean ``H_res`` of every hyper-connection, a ``(L, n, n)`` float64 tensor).
     """
 
     step: List[int] = field(default_factory=list)
@@ -189,6 +194,7 @@ class TrainLog:
     sigma2_prod: List[float] = field(default_factory=list)
     sigma2_layers: List[List[float]] = field(default_factory=list)
     stream_spread: List[float] = field(default_factory=list)
+    mixing: List[Tensor] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -217,6 +223,7 @@ def evaluate(model: GPT, x: Tensor, y: Tensor) -> Dict[str, object]:
         out["sigma2_layers"] = [float(spectral.sigma2(H).mean()) for H in Hs64]
         out["sigma2_prod"] = float(depth_product_sigma2(Hs64).mean())
         out["stream_spread"] = spread[0]
+        out["mixing"] = torch.stack([H.reshape(-1, *H.shape[-2:]).mean(0).cpu() for H in Hs64])
     return out
 
 
@@ -257,6 +264,7 @@ def train(model: GPT, corpus: Corpus, *, steps: int, batch_size: int = 16, lr: f
             log.sigma2_prod.append(ev["sigma2_prod"])
             log.sigma2_layers.append(ev["sigma2_layers"])
             log.stream_spread.append(ev["stream_spread"])
+            log.mixing.append(ev["mixing"])
         running.clear()
 
     record(0)

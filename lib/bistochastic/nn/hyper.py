@@ -27,8 +27,8 @@ Initialisations of ``H_res`` (``init=``):
 
 * ``"identity"``: logits 0 on the diagonal and ``offdiag`` (default -8) elsewhere at
   ``tau = 0.05`` (the community implementation): ``H_res`` is the identity to ``exp(-160)``.
-* ``"mild"``: the same logit pattern with ``offdiag = -1`` at ``tau = 1``: identity-dominated but
-  not saturated (diagonal about 0.58).
+* ``"mild"``: the same logit pattern with ``offdiag = -4`` at ``tau = 1``: identity-dominated but
+  not saturated (diagonal about 0.95, ``sigma_2`` about 0.93).
 * ``"uniform"``: zero logits, ``H_res = J = 11^T / n``.
 * ``"random"``: standard normal logits at ``tau = 1`` (breaks the streams' symmetry).
 
@@ -65,7 +65,7 @@ __all__ = [
 
 INITS = ("identity", "mild", "uniform", "random")
 _DEFAULT_TAU = {"identity": 0.05, "mild": 1.0, "uniform": 1.0, "random": 1.0}
-_DEFAULT_OFFDIAG = {"identity": -8.0, "mild": -1.0}
+_DEFAULT_OFFDIAG = {"identity": -8.0, "mild": -4.0}
 
 
 def expand_streams(x: Tensor, n: int) -> Tensor:
@@ -155,7 +155,7 @@ class HyperConnections(nn.Module):
     tau : float, optional
         Sinkhorn temperature; default depends on ``init`` (0.05 for ``"identity"``, else 1).
     offdiag : float, optional
-        Off-diagonal logit of the identity-like inits (default -8 for ``"identity"``, -1 for
+        Off-diagonal logit of the identity-like inits (default -8 for ``"identity"``, -4 for
         ``"mild"``).
     n_iter : int
         Fixed number of Sinkhorn iterations (20 in the mHC paper; gradients unrolled through them).
@@ -199,29 +199,43 @@ class HyperConnections(nn.Module):
         self.tau = float(tau)
         self.n_iter = n_iter
 
-        logits = torch.zeros(n, n)
-        if init in _DEFAULT_OFFDIAG:
-            off = _DEFAULT_OFFDIAG[init] if offdiag is None else float(offdiag)
-            logits.fill_(off).fill_diagonal_(0.0)
-        elif init == "random":
-            logits = torch.randn(n, n, generator=generator)
-        self.res_logits = nn.Parameter(logits)
-        if pre_init == "uniform":
-            pre = torch.full((n,), -math.log(n - 1) if n > 1 else 20.0)  # sigmoid = 1/n
-        else:
-            pre = torch.full((n,), -8.0)
-            pre[layer_index % n] = 8.0
-        self.pre_logits = nn.Parameter(pre)
-        self.post_logits = nn.Parameter(torch.zeros(n))  # 2 sigmoid(0) = 1
+        self._offdiag = (_DEFAULT_OFFDIAG[init] if offdiag is None else float(offdiag)
+                         ) if init in _DEFAULT_OFFDIAG else None
+        self._pre_init, self._layer_index, self._alpha_init = pre_init, layer_index, alpha_init
+        self.res_logits = nn.Parameter(torch.zeros(n, n))
+        self.pre_logits = nn.Parameter(torch.zeros(n))
+        self.post_logits = nn.Parameter(torch.zeros(n))
         if mode == "dynamic":
-            std = 1.0 / math.sqrt(n * dim)
-            self.phi = nn.Parameter(torch.randn(n * dim, n * n + 2 * n, generator=generator) * std)
-            self.alpha = nn.Parameter(torch.full((3,), float(alpha_init)))  # res, pre, post
+            self.phi = nn.Parameter(torch.zeros(n * dim, n * n + 2 * n))
+            self.alpha = nn.Parameter(torch.zeros(3))  # gates of res, pre, post
             self.norm_weight = nn.Parameter(torch.ones(n * dim))
+        self.reset_parameters(generator)
         self.last_mixing: Optional[Tensor] = None
         self.last_logits: Optional[Tensor] = None
         self.last_pre: Optional[Tensor] = None
         self.last_post: Optional[Tensor] = None
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """(Re)initialise the mixing parameters (not the block's); random draws from ``generator``."""
+        n, dim = self.n, self.dim
+        if self._offdiag is not None:
+            self.res_logits.fill_(self._offdiag).fill_diagonal_(0.0)
+        elif self.init == "random":
+            self.res_logits.copy_(torch.randn(n, n, generator=generator))
+        else:
+            self.res_logits.zero_()
+        if self._pre_init == "uniform":
+            self.pre_logits.fill_(-math.log(n - 1) if n > 1 else 20.0)  # sigmoid = 1/n
+        else:
+            self.pre_logits.fill_(-8.0)
+            self.pre_logits[self._layer_index % n] = 8.0
+        self.post_logits.zero_()  # 2 sigmoid(0) = 1
+        if self.mode == "dynamic":
+            std = 1.0 / math.sqrt(n * dim)
+            self.phi.copy_(torch.randn(self.phi.shape, generator=generator) * std)
+            self.alpha.fill_(float(self._alpha_init))
+            self.norm_weight.fill_(1.0)
 
     def coefficients(self, X: Tensor):
         """``(H_res, H_pre, H_post, res_logits)`` for streams ``X`` ``(..., n, d)``.
