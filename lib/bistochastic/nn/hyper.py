@@ -39,7 +39,8 @@ community default). ``H_post`` starts at 1 for every stream.
 After each forward the module keeps, detached, ``last_mixing`` (``H_res``, ``(n, n)`` for static
 logits, ``(..., n, n)`` per token for dynamic ones), ``last_logits`` (the logits before division
 by ``tau``, same shape), ``last_pre`` and ``last_post`` (``(..., n)`` or ``(n,)``), and the
-temperature ``tau``: diagnostics hooks read these names.
+temperature ``tau``: diagnostics hooks read these names. Setting ``record = False`` skips the
+storing (needed under ``torch.func.vmap``, where the tensors are batched wrappers).
 """
 
 from __future__ import annotations
@@ -210,6 +211,7 @@ class HyperConnections(nn.Module):
             self.alpha = nn.Parameter(torch.zeros(3))  # gates of res, pre, post
             self.norm_weight = nn.Parameter(torch.ones(n * dim))
         self.reset_parameters(generator)
+        self.record = True  # set False to skip storing last_* (e.g. under torch.func.vmap)
         self.last_mixing: Optional[Tensor] = None
         self.last_logits: Optional[Tensor] = None
         self.last_pre: Optional[Tensor] = None
@@ -266,10 +268,11 @@ class HyperConnections(nn.Module):
         out = self.block(h, *args, **kwargs)                   # (..., d)
         mixed = H @ X                                          # H_res X (..., n, d)
         Y = mixed + post.unsqueeze(-1) * out.unsqueeze(-2)     # + H_post^T f(...)
-        self.last_mixing = H.detach()
-        self.last_logits = logits.detach()
-        self.last_pre = pre.detach()
-        self.last_post = post.detach()
+        if self.record:
+            self.last_mixing = H.detach()
+            self.last_logits = logits.detach()
+            self.last_pre = pre.detach()
+            self.last_post = post.detach()
         return Y
 
     def extra_repr(self) -> str:
