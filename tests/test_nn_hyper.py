@@ -302,3 +302,13 @@ def test_plain_and_hyper_share_block_weights(kw):
             i, rest = k.split(".", 2)[1:]
             k = f"blocks.{i}.block.{rest}"
         assert torch.equal(v, hp[k]), k
+
+
+def test_dynamic_identity_init_is_saturated():
+    """The input-dependent part (gate 0.01) cannot lift the -8/0.05 = -160 saturation."""
+    hc = _hc("dynamic", "identity")
+    X = torch.randn(2, 3, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    hc(X).pow(2).sum().backward()
+    assert float(identity_distance(hc.last_mixing).max()) < 1e-60
+    assert float(hc.res_logits.grad.abs().max()) < 1e-60
+    assert float(hc.phi.grad[:, :16].abs().max()) < 1e-60  # the H_res columns of phi
