@@ -127,6 +127,15 @@ TABLE: Dict[str, Dict[str, Dict[str, Any]]] = {
                  "init_scale": 1.0, "seeds": 30, "eps0": 1.0, "eps_min": 0.01, "t_floor": 90,
                  "cal_eps_min": 0.05, "cal_seed": 1000},
     },
+    "16_mhc_language_model": {
+        "ci": {"max_chars": 400_000, "block": 32, "layers": 2, "heads": 2, "width": 32,
+               "batch": 16, "steps": 80, "lr": 3e-3, "eval_every": 20, "n_iter": 20, "seeds": 3,
+               "taus": (1.0, 4.0, 8.0), "sym_steps": 30, "tost_margin": 0.05},
+        "full": {"max_chars": None, "block": 128, "layers": 6, "heads": 4, "width": 128,
+                 "batch": 64, "steps": 3000, "lr": 1e-3, "eval_every": 250, "n_iter": 20,
+                 "seeds": 5, "taus": (0.5, 1.0, 2.0, 4.0, 8.0), "sym_steps": 200,
+                 "tost_margin": 0.05},
+    },
 }
 
 
