@@ -254,6 +254,43 @@ def html() -> int:
     return rc
 
 
+# Distributions that only the extras may bring: a plain `pip install .` must install none of them.
+EXTRA_ONLY = ("matplotlib", "seaborn", "ipython", "ipykernel", "jupyter-book", "myst-nb", "jupytext",
+              "papermill", "sphinx", "nbval", "pot", "selenium", "pytest", "hypothesis", "pandas")
+# Modules that ``import bistochastic`` (and its submodules, plotting aside) must not load.
+EXTRA_MODULES = ("matplotlib", "seaborn", "IPython", "myst_nb", "yaml", "ot", "pandas")
+
+
+def check_core_env() -> list[str]:
+    """Run in a venv holding only ``pip install .`` (no extras): what a user's project gets.
+    Returns the problems: an extra-only distribution installed, the package imported from the
+    source tree instead of the install, or a plotting/book module loaded by the import."""
+    import importlib
+    import re
+    from importlib import metadata
+
+    problems = []
+    installed = {re.sub(r"[-_.]+", "-", (d.metadata["Name"] or "")).lower() for d in metadata.distributions()}
+    for name in EXTRA_ONLY:
+        if name in installed:
+            problems.append(f"`pip install .` installed {name}, which only an extra may bring")
+    if "bistochastic" not in installed:
+        problems.append("bistochastic is not installed in this environment")
+    bs = importlib.import_module("bistochastic")
+    where = Path(bs.__file__).resolve()
+    if ROOT / "lib" in where.parents:
+        problems.append(f"bistochastic was imported from the source tree ({where}), not the install")
+    for mod in ("sinkhorn", "birkhoff", "spectral", "noise", "models", "fixed_point", "anneal",
+                "tasks", "bench", "stats", "book", "profiles"):
+        importlib.import_module(f"bistochastic.{mod}")
+    loaded = [m for m in EXTRA_MODULES if m in sys.modules]
+    if loaded:
+        problems.append(f"`import bistochastic` loaded {loaded} (import them lazily)")
+    print(f"[core] bistochastic {bs.__version__} from {where.parent}; "
+          f"{len(installed)} distributions installed")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -270,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default="ci", choices=["ci", "full"])
     sub.add_parser("html", help="render _build/stage into _build/html")
     p = sub.add_parser("list", help="list chapters")
+    sub.add_parser("check-core-env", help="in a venv with only `pip install .`: no extras installed or loaded")
     args = ap.parse_args(argv)
 
     if args.cmd == "execute":
@@ -289,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "html":
         return html()
+    if args.cmd == "check-core-env":
+        probs = check_core_env()
+        for p_ in probs:
+            print(f"[core] {p_}")
+        return 1 if probs else 0
     if args.cmd == "list":
         for c in chapters():
             print(c.stem)
