@@ -202,6 +202,47 @@ def _mathjax_dir() -> Path:
     return d
 
 
+BINDER_URL = "https://mybinder.org"
+COLAB_URL = "https://colab.research.google.com"
+
+
+def staged_config(cfg: dict) -> dict:
+    """The config that renders the book: execution off, the book's Sphinx helper (book_pages.py),
+    and the repository-facing buttons derived from the one setting ``repository.url``.
+
+    Empty ``repository.url`` (the default): no repository, issue, Binder or Colab button (and no
+    ``repository`` section, so no link to a repository). Set: repository and issue buttons, Binder
+    (builds ``environment.yml``) and, for GitHub, Colab (runs the notebook's install cell), all
+    pointing to ``book/NN_name.ipynb`` on ``repository.branch``.
+    """
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    cfg["execute"]["execute_notebooks"] = "off"
+    cfg["exclude_patterns"] = ["_build", "**/.ipynb_checkpoints", "_md_sources", "_ext"]
+    sph = cfg.setdefault("sphinx", {})
+    sph.setdefault("local_extensions", {})["book_pages"] = "_ext/"
+    repo = cfg.get("repository") or {}
+    url = (repo.get("url") or "").strip().rstrip("/")
+    html = cfg.setdefault("html", {})
+    launch = cfg.setdefault("launch_buttons", {})
+    for key in ("binderhub_url", "colab_url", "jupyterhub_url", "thebe"):
+        launch.pop(key, None)
+    if not url:
+        cfg.pop("repository", None)
+        for key in ("use_repository_button", "use_issues_button", "use_edit_page_button"):
+            html[key] = False
+        return cfg
+    repo["url"] = url
+    cfg["repository"] = repo
+    html["use_repository_button"] = True
+    html["use_issues_button"] = True
+    launch["binderhub_url"] = BINDER_URL
+    if url.startswith("https://github.com/"):
+        launch["colab_url"] = COLAB_URL
+    return cfg
+
+
 def stage(source: str, profile: str) -> Path:
     """Assemble ``_build/stage``: config with execution off, the notebooks to render, static files."""
     import yaml
@@ -210,10 +251,10 @@ def stage(source: str, profile: str) -> Path:
     if st.exists():
         shutil.rmtree(st)
     (st / "book").mkdir(parents=True)
-    cfg = yaml.safe_load((ROOT / "_config.yml").read_text())
-    cfg["execute"]["execute_notebooks"] = "off"
-    cfg["exclude_patterns"] = ["_build", "**/.ipynb_checkpoints"]
+    cfg = staged_config(yaml.safe_load((ROOT / "_config.yml").read_text()))
     (st / "_config.yml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (st / "_ext").mkdir()
+    shutil.copyfile(ROOT / "scripts" / "book_pages.py", st / "_ext" / "book_pages.py")
     shutil.copyfile(ROOT / "_toc.yml", st / "_toc.yml")
     shutil.copyfile(ROOT / "references.bib", st / "references.bib")
     if (ROOT / "_static").exists():
@@ -222,9 +263,12 @@ def stage(source: str, profile: str) -> Path:
     # under _static as a <script> tag).
     shutil.copytree(_mathjax_dir(), st / "_extra" / "mathjax")
     chs = {p.stem for p in chapters()}
+    (st / "_md_sources" / "book").mkdir(parents=True)
     for md in sorted(BOOK.glob("*.md")):
         if md.stem not in chs:  # plain pages (bibliography, ...)
             shutil.copyfile(md, st / "book" / md.name)
+        else:  # offered for download next to the .ipynb (book_pages.py)
+            shutil.copyfile(md, st / "_md_sources" / "book" / md.name)
     src_dir = BUILD / "exec" / profile / "book" if source == "executed" else BOOK
     for stem in sorted(chs):
         nb = src_dir / f"{stem}.ipynb"
