@@ -10,6 +10,8 @@ Run through the Makefile (``make book``, ``make chapter CH=03 PROFILE=full``, ``
     python scripts/book.py check-pairing
     python scripts/book.py stage   --source executed|golden [--profile ci]
     python scripts/book.py html                            # renders _build/stage into _build/html
+    python scripts/book.py colab-cell [--chapters 00 01]   # Colab install cell in the .md sources
+    python scripts/book.py check-core-env                  # in a package-only venv (make test)
 
 Never renders a stale cache: ``execute`` always runs every selected chapter from a fresh kernel,
 and ``html`` renders the staged notebooks with execution off and ``--all`` (no incremental reuse).
@@ -298,6 +300,71 @@ def html() -> int:
     return rc
 
 
+COLAB_MARK = "# Google Colab only: install CPU torch and the book's library (scripts/book.py colab-cell)"
+
+
+def colab_cell_source(url: str, branch: str, torch_pin: str) -> str:
+    """The install cell for Colab: a no-op anywhere else (the pinned environment has everything).
+
+    CPU torch at the book's pin from PyTorch's CPU index, then the library with its ``[book]`` extra
+    (glue needs myst-nb) from the repository, constrained to the book's pins."""
+    url = url.strip().rstrip("/")
+    return f"""{COLAB_MARK}
+import sys
+
+if "google.colab" in sys.modules:
+    import subprocess
+
+    REPO, BRANCH = {json.dumps(url)}, {json.dumps(branch)}
+    if not REPO:
+        raise RuntimeError("this copy of the book names no repository (_config.yml: repository.url); "
+                           "install the library yourself: see the README")
+    RAW = REPO.replace("https://github.com/", "https://raw.githubusercontent.com/") + "/" + BRANCH
+    pip = [sys.executable, "-m", "pip", "install", "--quiet"]
+    subprocess.run(pip + ["torch=={torch_pin}", "--index-url", "https://download.pytorch.org/whl/cpu"],
+                   check=True)
+    subprocess.run(pip + ["-c", RAW + "/requirements/book.txt",
+                          f"bistochastic[book] @ git+{{REPO}}@{{BRANCH}}"], check=True)"""
+
+
+def _colab_block(source: str) -> str:
+    return "```{code-cell} ipython3\n:tags: [remove-cell]\n\n" + source + "\n```\n"
+
+
+def colab_cell(selection: list[str] | None, book: Path | None = None,
+               config: Path | None = None) -> list[Path]:
+    """Insert (or refresh) the Colab install cell as the first code cell of each selected chapter's
+    ``.md``. Idempotent: a chapter that already has the current cell is left byte-for-byte
+    unchanged; one with an older cell (another URL or pin) gets it replaced. Returns the changed
+    files (their ``.ipynb`` must then be re-recorded: ``make record CH=NN``)."""
+    import re
+
+    import yaml
+
+    cfg = yaml.safe_load((config or ROOT / "_config.yml").read_text())
+    repo = cfg.get("repository") or {}
+    pins = (ROOT / "requirements" / "book.txt").read_text()
+    torch_pin = re.search(r"^torch==(\S+)", pins, re.M).group(1)
+    block = _colab_block(colab_cell_source(repo.get("url") or "", repo.get("branch") or "main",
+                                           torch_pin))
+    existing = re.compile(r"```\{code-cell\}[^\n]*\n:tags: \[remove-cell\]\n\n"
+                          + re.escape(COLAB_MARK) + r"\n.*?\n```\n", re.S)
+    changed = []
+    for md in chapters(selection, book):
+        text = md.read_text(encoding="utf-8")
+        if existing.search(text):
+            new = existing.sub(lambda _m: block, text, count=1)
+        else:
+            i = text.find("```{code-cell}")
+            if i < 0:
+                continue
+            new = text[:i] + block + "\n" + text[i:]
+        if new != text:
+            md.write_text(new, encoding="utf-8")
+            changed.append(md)
+    return changed
+
+
 # Distributions that only the extras may bring: a plain `pip install .` must install none of them.
 EXTRA_ONLY = ("matplotlib", "seaborn", "ipython", "ipykernel", "jupyter-book", "myst-nb", "jupytext",
               "papermill", "sphinx", "nbval", "pot", "selenium", "pytest", "hypothesis", "pandas")
@@ -351,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default="ci", choices=["ci", "full"])
     sub.add_parser("html", help="render _build/stage into _build/html")
     p = sub.add_parser("list", help="list chapters")
+    p = sub.add_parser("colab-cell", help="insert/refresh the Colab install cell in chapter .md sources")
+    p.add_argument("--chapters", nargs="*", default=None)
+    p.add_argument("--book-dir", type=Path, default=None)
     sub.add_parser("check-core-env", help="in a venv with only `pip install .`: no extras installed or loaded")
     args = ap.parse_args(argv)
 
@@ -371,6 +441,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "html":
         return html()
+    if args.cmd == "colab-cell":
+        changed = colab_cell(args.chapters or None, args.book_dir)
+        for md in changed:
+            print(f"[colab] updated {_rel(md)} (re-record it: make record CH={md.stem[:2]})")
+        print(f"[colab] {len(changed)} chapter(s) changed")
+        return 0
     if args.cmd == "check-core-env":
         probs = check_core_env()
         for p_ in probs:
