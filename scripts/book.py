@@ -224,6 +224,9 @@ def staged_config(cfg: dict) -> dict:
     cfg["exclude_patterns"] = ["_build", "**/.ipynb_checkpoints", "_md_sources", "_ext"]
     sph = cfg.setdefault("sphinx", {})
     sph.setdefault("local_extensions", {})["book_pages"] = "_ext/"
+    # the theme's colour mode: left empty, pydata-sphinx-theme logs "Got invalid theme mode" as a
+    # console error on a reader's first visit
+    sph.setdefault("config", {}).setdefault("html_context", {}).setdefault("default_mode", "light")
     repo = cfg.get("repository") or {}
     url = (repo.get("url") or "").strip().rstrip("/")
     html = cfg.setdefault("html", {})
