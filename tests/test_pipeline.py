@@ -3,7 +3,13 @@
 * a .md out of sync with its .ipynb fails the pairing check;
 * a changed printed number fails nbval strict;
 * a chapter whose cell raises makes the build exit non-zero and name the chapter and the cell;
-* every chapter has a parameters cell with the profile, seed and device, and a profile entry.
+* every chapter has a parameters cell with the profile, seed and device, and a profile entry;
+* a float glued at full precision fails nbval under the variant instruction set of `make test`
+  (and the same float glued through bs.book.glue passes), and `make test` runs both passes;
+* the package-only tests import nothing but the package's runtime; `import bistochastic` loads no
+  plotting or notebook package;
+* repository-facing buttons follow the one setting `repository.url`; the Colab cell is idempotent
+  and in sync with the config.
 """
 
 from __future__ import annotations
