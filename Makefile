@@ -94,9 +94,10 @@ test: $(STAMP)
 test-lib: $(STAMP)
 	$(call run_pytest,tests -m "not browser" -q -p no:cacheprovider)
 
-# the library tests once more under the variant instruction set (pipeline and pin tests need not)
+# the library tests once more under the variant instruction set (pipeline and pin tests need not);
+# its own hypothesis example database, as it runs beside test-lib
 test-lib-variant: $(STAMP)
-	export $(NBVAL_VARIANT); $(call run_pytest,tests -m "not browser" -q -p no:cacheprovider \
+	export $(NBVAL_VARIANT) HYPOTHESIS_STORAGE_DIRECTORY=_build/hypothesis-variant; $(call run_pytest,tests -m "not browser" -q -p no:cacheprovider \
 	  --ignore=tests/test_pipeline.py --ignore=tests/test_environment_pins.py)
 
 test-pairing: $(STAMP)
