@@ -182,7 +182,7 @@ def check_pairing(book: Path | None = None) -> list[str]:
         for md in mds:
             nb = book / f"{md.stem}.ipynb"
             if not nb.exists():
-                problems.append(f"{_rel(md)} has no paired .ipynb (run `make record CH={md.stem.split("_")[0]}`)")
+                problems.append(f"{_rel(md)} has no paired .ipynb (run `make record CH={md.stem.split('_')[0]}`)")
                 continue
             regen = Path(tmp) / nb.name
             shutil.copyfile(nb, regen)
@@ -190,7 +190,7 @@ def check_pairing(book: Path | None = None) -> list[str]:
             if regen.read_bytes() != nb.read_bytes():
                 problems.append(
                     f"{_rel(md)} and {_rel(nb)} are out of sync "
-                    f"(edit the .md, then `make record CH={md.stem.split("_")[0]}`)"
+                    f"(edit the .md, then `make record CH={md.stem.split('_')[0]}`)"
                 )
     return problems
 
@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "colab-cell":
         changed = colab_cell(args.chapters or None, args.book_dir)
         for md in changed:
-            print(f"[colab] updated {_rel(md)} (re-record it: make record CH={md.stem.split("_")[0]})")
+            print(f"[colab] updated {_rel(md)} (re-record it: make record CH={md.stem.split('_')[0]})")
         print(f"[colab] {len(changed)} chapter(s) changed")
         return 0
     if args.cmd == "check-core-env":
