@@ -10,6 +10,8 @@ Run through the Makefile (``make book``, ``make chapter CH=03 PROFILE=full``, ``
     python scripts/book.py check-pairing
     python scripts/book.py stage   --source executed|golden [--profile ci]
     python scripts/book.py html                            # renders _build/stage into _build/html
+    python scripts/book.py colab-cell [--chapters 00 01]   # Colab install cell in the .md sources
+    python scripts/book.py check-core-env                  # in a package-only venv (make test)
 
 Never renders a stale cache: ``execute`` always runs every selected chapter from a fresh kernel,
 and ``html`` renders the staged notebooks with execution off and ``--all`` (no incremental reuse).
@@ -180,7 +182,7 @@ def check_pairing(book: Path | None = None) -> list[str]:
         for md in mds:
             nb = book / f"{md.stem}.ipynb"
             if not nb.exists():
-                problems.append(f"{_rel(md)} has no paired .ipynb (run `make record CH={md.stem[:2]}`)")
+                problems.append(f"{_rel(md)} has no paired .ipynb (run `make record CH={md.stem.split('_')[0]}`)")
                 continue
             regen = Path(tmp) / nb.name
             shutil.copyfile(nb, regen)
@@ -188,7 +190,7 @@ def check_pairing(book: Path | None = None) -> list[str]:
             if regen.read_bytes() != nb.read_bytes():
                 problems.append(
                     f"{_rel(md)} and {_rel(nb)} are out of sync "
-                    f"(edit the .md, then `make record CH={md.stem[:2]}`)"
+                    f"(edit the .md, then `make record CH={md.stem.split('_')[0]}`)"
                 )
     return problems
 
@@ -202,6 +204,50 @@ def _mathjax_dir() -> Path:
     return d
 
 
+BINDER_URL = "https://mybinder.org"
+COLAB_URL = "https://colab.research.google.com"
+
+
+def staged_config(cfg: dict) -> dict:
+    """The config that renders the book: execution off, the book's Sphinx helper (book_pages.py),
+    and the repository-facing buttons derived from the one setting ``repository.url``.
+
+    Empty ``repository.url`` (the default): no repository, issue, Binder or Colab button (and no
+    ``repository`` section, so no link to a repository). Set: repository and issue buttons, Binder
+    (builds ``environment.yml``) and, for GitHub, Colab (runs the notebook's install cell), all
+    pointing to ``book/NN_name.ipynb`` on ``repository.branch``.
+    """
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    cfg["execute"]["execute_notebooks"] = "off"
+    cfg["exclude_patterns"] = ["_build", "**/.ipynb_checkpoints", "_md_sources", "_ext"]
+    sph = cfg.setdefault("sphinx", {})
+    sph.setdefault("local_extensions", {})["book_pages"] = "_ext/"
+    # the theme's colour mode: left empty, pydata-sphinx-theme logs "Got invalid theme mode" as a
+    # console error on a reader's first visit
+    sph.setdefault("config", {}).setdefault("html_context", {}).setdefault("default_mode", "light")
+    repo = cfg.get("repository") or {}
+    url = (repo.get("url") or "").strip().rstrip("/")
+    html = cfg.setdefault("html", {})
+    launch = cfg.setdefault("launch_buttons", {})
+    for key in ("binderhub_url", "colab_url", "jupyterhub_url", "thebe"):
+        launch.pop(key, None)
+    if not url:
+        cfg.pop("repository", None)
+        for key in ("use_repository_button", "use_issues_button", "use_edit_page_button"):
+            html[key] = False
+        return cfg
+    repo["url"] = url
+    cfg["repository"] = repo
+    html["use_repository_button"] = True
+    html["use_issues_button"] = True
+    launch["binderhub_url"] = BINDER_URL
+    if url.startswith("https://github.com/"):
+        launch["colab_url"] = COLAB_URL
+    return cfg
+
+
 def stage(source: str, profile: str) -> Path:
     """Assemble ``_build/stage``: config with execution off, the notebooks to render, static files."""
     import yaml
@@ -210,10 +256,10 @@ def stage(source: str, profile: str) -> Path:
     if st.exists():
         shutil.rmtree(st)
     (st / "book").mkdir(parents=True)
-    cfg = yaml.safe_load((ROOT / "_config.yml").read_text())
-    cfg["execute"]["execute_notebooks"] = "off"
-    cfg["exclude_patterns"] = ["_build", "**/.ipynb_checkpoints"]
+    cfg = staged_config(yaml.safe_load((ROOT / "_config.yml").read_text()))
     (st / "_config.yml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (st / "_ext").mkdir()
+    shutil.copyfile(ROOT / "scripts" / "book_pages.py", st / "_ext" / "book_pages.py")
     shutil.copyfile(ROOT / "_toc.yml", st / "_toc.yml")
     shutil.copyfile(ROOT / "references.bib", st / "references.bib")
     if (ROOT / "_static").exists():
@@ -222,9 +268,12 @@ def stage(source: str, profile: str) -> Path:
     # under _static as a <script> tag).
     shutil.copytree(_mathjax_dir(), st / "_extra" / "mathjax")
     chs = {p.stem for p in chapters()}
+    (st / "_md_sources" / "book").mkdir(parents=True)
     for md in sorted(BOOK.glob("*.md")):
         if md.stem not in chs:  # plain pages (bibliography, ...)
             shutil.copyfile(md, st / "book" / md.name)
+        else:  # offered for download next to the .ipynb (book_pages.py)
+            shutil.copyfile(md, st / "_md_sources" / "book" / md.name)
     src_dir = BUILD / "exec" / profile / "book" if source == "executed" else BOOK
     for stem in sorted(chs):
         nb = src_dir / f"{stem}.ipynb"
@@ -254,6 +303,108 @@ def html() -> int:
     return rc
 
 
+COLAB_MARK = "# Google Colab only: install CPU torch and the book's library (scripts/book.py colab-cell)"
+
+
+def colab_cell_source(url: str, branch: str, torch_pin: str) -> str:
+    """The install cell for Colab: a no-op anywhere else (the pinned environment has everything).
+
+    CPU torch at the book's pin from PyTorch's CPU index, then the library with its ``[book]`` extra
+    (glue needs myst-nb) from the repository, constrained to the book's pins."""
+    url = url.strip().rstrip("/")
+    return f"""{COLAB_MARK}
+import sys
+
+if "google.colab" in sys.modules:
+    import subprocess
+
+    REPO, BRANCH = {json.dumps(url)}, {json.dumps(branch)}
+    if not REPO:
+        raise RuntimeError("this copy of the book names no repository (_config.yml: repository.url); "
+                           "install the library yourself: see the README")
+    RAW = REPO.replace("https://github.com/", "https://raw.githubusercontent.com/") + "/" + BRANCH
+    pip = [sys.executable, "-m", "pip", "install", "--quiet"]
+    subprocess.run(pip + ["torch=={torch_pin}", "--index-url", "https://download.pytorch.org/whl/cpu"],
+                   check=True)
+    subprocess.run(pip + ["-c", RAW + "/requirements/book.txt",
+                          f"bistochastic[book] @ git+{{REPO}}@{{BRANCH}}"], check=True)"""
+
+
+def _colab_block(source: str) -> str:
+    return "```{code-cell} ipython3\n:tags: [remove-cell]\n\n" + source + "\n```\n"
+
+
+def colab_cell(selection: list[str] | None, book: Path | None = None,
+               config: Path | None = None) -> list[Path]:
+    """Insert (or refresh) the Colab install cell as the first code cell of each selected chapter's
+    ``.md``. Idempotent: a chapter that already has the current cell is left byte-for-byte
+    unchanged; one with an older cell (another URL or pin) gets it replaced. Returns the changed
+    files (their ``.ipynb`` must then be re-recorded: ``make record CH=NN``)."""
+    import re
+
+    import yaml
+
+    cfg = yaml.safe_load((config or ROOT / "_config.yml").read_text())
+    repo = cfg.get("repository") or {}
+    pins = (ROOT / "requirements" / "book.txt").read_text()
+    torch_pin = re.search(r"^torch==(\S+)", pins, re.M).group(1)
+    block = _colab_block(colab_cell_source(repo.get("url") or "", repo.get("branch") or "main",
+                                           torch_pin))
+    existing = re.compile(r"```\{code-cell\}[^\n]*\n:tags: \[remove-cell\]\n\n"
+                          + re.escape(COLAB_MARK) + r"\n.*?\n```\n", re.S)
+    changed = []
+    for md in chapters(selection, book):
+        text = md.read_text(encoding="utf-8")
+        if existing.search(text):
+            new = existing.sub(lambda _m: block, text, count=1)
+        else:
+            i = text.find("```{code-cell}")
+            if i < 0:
+                continue
+            new = text[:i] + block + "\n" + text[i:]
+        if new != text:
+            md.write_text(new, encoding="utf-8")
+            changed.append(md)
+    return changed
+
+
+# Distributions that only the extras may bring: a plain `pip install .` must install none of them.
+EXTRA_ONLY = ("matplotlib", "seaborn", "ipython", "ipykernel", "jupyter-book", "myst-nb", "jupytext",
+              "papermill", "sphinx", "nbval", "pot", "selenium", "pytest", "hypothesis", "pandas")
+# Modules that ``import bistochastic`` (and its submodules, plotting aside) must not load.
+EXTRA_MODULES = ("matplotlib", "seaborn", "IPython", "myst_nb", "yaml", "ot", "pandas")
+
+
+def check_core_env() -> list[str]:
+    """Run in a venv holding only ``pip install .`` (no extras): what a user's project gets.
+    Returns the problems: an extra-only distribution installed, the package imported from the
+    source tree instead of the install, or a plotting/book module loaded by the import."""
+    import importlib
+    import re
+    from importlib import metadata
+
+    problems = []
+    installed = {re.sub(r"[-_.]+", "-", (d.metadata["Name"] or "")).lower() for d in metadata.distributions()}
+    for name in EXTRA_ONLY:
+        if name in installed:
+            problems.append(f"`pip install .` installed {name}, which only an extra may bring")
+    if "bistochastic" not in installed:
+        problems.append("bistochastic is not installed in this environment")
+    bs = importlib.import_module("bistochastic")
+    where = Path(bs.__file__).resolve()
+    if ROOT / "lib" in where.parents:
+        problems.append(f"bistochastic was imported from the source tree ({where}), not the install")
+    for mod in ("sinkhorn", "birkhoff", "spectral", "noise", "models", "fixed_point", "anneal",
+                "tasks", "bench", "stats", "book", "profiles"):
+        importlib.import_module(f"bistochastic.{mod}")
+    loaded = [m for m in EXTRA_MODULES if m in sys.modules]
+    if loaded:
+        problems.append(f"`import bistochastic` loaded {loaded} (import them lazily)")
+    print(f"[core] bistochastic {bs.__version__} from {where.parent}; "
+          f"{len(installed)} distributions installed")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -270,6 +421,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default="ci", choices=["ci", "full"])
     sub.add_parser("html", help="render _build/stage into _build/html")
     p = sub.add_parser("list", help="list chapters")
+    p = sub.add_parser("colab-cell", help="insert/refresh the Colab install cell in chapter .md sources")
+    p.add_argument("--chapters", nargs="*", default=None)
+    p.add_argument("--book-dir", type=Path, default=None)
+    sub.add_parser("check-core-env", help="in a venv with only `pip install .`: no extras installed or loaded")
     args = ap.parse_args(argv)
 
     if args.cmd == "execute":
@@ -289,6 +444,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "html":
         return html()
+    if args.cmd == "colab-cell":
+        changed = colab_cell(args.chapters or None, args.book_dir)
+        for md in changed:
+            print(f"[colab] updated {_rel(md)} (re-record it: make record CH={md.stem.split('_')[0]})")
+        print(f"[colab] {len(changed)} chapter(s) changed")
+        return 0
+    if args.cmd == "check-core-env":
+        probs = check_core_env()
+        for p_ in probs:
+            print(f"[core] {p_}")
+        return 1 if probs else 0
     if args.cmd == "list":
         for c in chapters():
             print(c.stem)

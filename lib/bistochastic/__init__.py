@@ -19,11 +19,22 @@
 """
 
 from .sinkhorn import SinkhornResult, SinkhornWarning, marginal_error, project_dsm, sinkhorn
-from . import profiles, book, plotting
+from . import profiles, book
 from . import birkhoff, spectral, noise, models, fixed_point, anneal, tasks, bench, stats
 from . import explorer
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # ``bs.plotting`` needs matplotlib and seaborn (the ``[plot]`` extra): imported on first use, so
+    # that ``import bistochastic`` works with the runtime dependencies alone.
+    if name == "plotting":
+        import importlib
+
+        return importlib.import_module(".plotting", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "SinkhornResult",
@@ -33,7 +44,6 @@ __all__ = [
     "sinkhorn",
     "profiles",
     "book",
-    "plotting",
     "birkhoff",
     "spectral",
     "noise",

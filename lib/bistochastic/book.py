@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from . import profiles
-from .plotting import use_style
 
 __all__ = ["ChapterSetup", "resolve_device", "setup", "round_sig", "glue", "table"]
 
@@ -159,6 +158,8 @@ def setup(chapter: str, profile: str = "ci", seed: int = 0, device: str = "auto"
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    from .plotting import use_style  # matplotlib and seaborn: the [plot] extra, the book has it
+
     use_style()
     return ChapterSetup(
         chapter=chapter, profile=profile, seed=int(seed), device=dev, sizes=sz,
