@@ -162,8 +162,16 @@ def _broadcast_shapes(*shapes) -> torch.Size:
     return torch.Size(out)
 
 
+def _all_finite(x: Tensor) -> bool:
+    """``isfinite(x).all()`` in one reduction pass: a finite sum proves every entry finite (NaN
+    and inf propagate); only when the sum is not finite (or overflowed) is the full test run."""
+    if bool(torch.isfinite(x.sum())):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
 def _check_finite(name: str, x: Tensor) -> None:
-    if not bool(torch.isfinite(x).all()):
+    if not _all_finite(x):
         raise ValueError(f"`{name}` contains NaN or inf; Sinkhorn needs finite inputs")
 
 
@@ -256,7 +264,7 @@ def _validate(
     C = cost.to(cdtype)
     if check_inputs:
         if allow_inf_cost:
-            if bool((torch.isnan(C) | (C == -math.inf)).any()):
+            if not _all_finite(C) and bool((torch.isnan(C) | (C == -math.inf)).any()):
                 raise ValueError("`cost` contains NaN or -inf")
         else:
             _check_finite("cost", C)
@@ -386,63 +394,173 @@ def _log_block(L: _Loop, F: Tensor, G: Tensor, k: int, omega: float) -> Tuple[Te
     return F, G
 
 
-def _absorb_block(
-    L: _Loop, F: Tensor, G: Tensor, k: int, omega: float, want_plan: bool
-) -> Tuple[Tensor, Tensor, bool, Optional[Tensor]]:
-    """``k`` Sinkhorn iterations in the scaling domain on a kernel rebuilt from the potentials.
+def _absorb_solve(
+    L: _Loop,
+    F0: Tensor,
+    G0: Tensor,
+    *,
+    tol: float,
+    max_iter: int,
+    check_every: int,
+    fixed: bool,
+    momentum: Union[None, float, str],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int, list]:
+    """Sinkhorn in the scaling domain with lazy absorption (Schmitzer 2019).
 
-    The kernel is ``E = exp(Z - max_j Z)`` with ``Z = (g - C)/ε``: its rows have maximum one, so it
-    never underflows to an all-zero row (as ``exp(-C/ε)`` does for small ε). The exact row update
-    of iteration 1 comes from the same exponentials (``f = ε log a - ε LSE_j Z``), then ``k`` column
-    and ``k - 1`` row updates run as matrix-vector products, and the scalings are absorbed back into
-    the potentials (Schmitzer 2019). One ``exp`` per entry per block instead of two per iteration.
-    Zero weights give zero scalings (``-inf`` potentials); they are excluded from every test.
+    State: a kernel ``E = exp(Z - max_j Z)`` with ``Z = (g_ref - C)/ε`` (rows with maximum one, so
+    no row underflows to zero) and scalings ``u``, ``v`` with ``plan = diag(u) E diag(v)``. Each
+    iteration is two matrix-vector products (the raw Sinkhorn-Knopp cost). The scalings are
+    absorbed into the potentials (``f = ε(log u - max Z)``, ``g = g_ref + ε log v``) and the kernel
+    is rebuilt (one ``exp`` pass) only when some scaling leaves ``[e^-τ, e^τ]``, ``τ`` a quarter of
+    the dtype's exponent range, so that no entry that matters can underflow. Convergence checks
+    reuse the products of the updates (no extra pass); when they report convergence, the plan is
+    materialised once and its own error decides. A block whose scalings over- or under-flow is
+    rolled back to the last absorption and redone in the log domain.
 
-    Returns the new potentials, whether the scalings stayed finite and positive on the support
-    (else the caller redoes the block in the log domain), and, when ``want_plan``, the plan
-    ``diag(u) E diag(v)`` (the matrix that is checked and returned).
+    Returns ``F, G, P, err, n_iter, iterations, history`` as :func:`_solve_detached`.
     """
-    sa, sb = L.sa, L.sb
-    Z = L.Kc + G[..., None, :]
-    zmax = Z.amax(-1, keepdim=True)
-    E = torch.exp(Z - zmax)
-    a, b = L.a.expand_as(F), L.b.expand_as(G)
-    small = E.shape[-1] * E.shape[-2] <= 256  # elementwise beats batched GEMV on tiny matrices
+    Kc, sa, sb = L.Kc, L.sa, L.sb
+    batch = Kc.shape[:-2]
+    n, m = Kc.shape[-2], Kc.shape[-1]
+    a = L.a.expand(batch + (n,))
+    b = L.b.expand(batch + (m,))
+    asum = a.sum(-1)
+    small = n * m <= 256  # elementwise beats batched GEMV on tiny matrices
+    tau = 0.25 * math.log(torch.finfo(Kc.dtype).max)
+    n_iter = torch.full(batch, -1, dtype=torch.long, device=Kc.device)
+    history: list = []
+    omega = float(momentum) if isinstance(momentum, (int, float)) else 1.0
+    adaptive = momentum == "adaptive"
+    err_prev = None
 
-    def col(u_):
-        return (E * u_[..., :, None]).sum(-2) if small else torch.matmul(u_.unsqueeze(-2), E).squeeze(-2)
+    def col(E, u_):
+        if small:
+            return (E * u_[..., :, None]).sum(-2)
+        if E.dim() == 2:
+            return torch.mv(E.t(), u_)  # GEMV: faster than a 1-row GEMM
+        return torch.matmul(u_.unsqueeze(-2), E).squeeze(-2)
 
-    def row(v_):
-        return (E * v_[..., None, :]).sum(-1) if small else torch.matmul(E, v_.unsqueeze(-1)).squeeze(-1)
+    def row(E, v_):
+        if small:
+            return (E * v_[..., None, :]).sum(-1)
+        if E.dim() == 2:
+            return torch.mv(E, v_)
+        return torch.matmul(E, v_.unsqueeze(-1)).squeeze(-1)
 
-    def div(w, s, mask):
-        q = w / s
+    def div(w, s_, mask):
+        q = w / s_
         return q if mask is None else torch.where(mask, q, torch.zeros_like(q))
 
     def relax(x, xn, mask):
         if omega == 1.0:
             return xn
-        out = x.pow(1.0 - omega) * xn.pow(omega)
+        out = x * (xn / x).pow(omega)  # x^(1-ω) xn^ω with one pow
         return out if mask is None else torch.where(mask, out, xn)
 
-    u = div(a, E.sum(-1), sa)  # exact row update of iteration 1
-    v = torch.ones_like(G)
-    for i in range(k):
-        vn = div(b, col(u), sb)
-        # the first and the last column updates are plain: the block ends with exact columns
-        v = vn if (i == 0 or i == k - 1) else relax(v, vn, sb)
-        if i == k - 1:
-            break
-        u = relax(u, div(a, row(v), sa), sa)
-    logu, logv = torch.log(u), torch.log(v)
-    if sa is None:
-        ok = torch.isfinite(logu).all() & torch.isfinite(logv).all()
+    def build(G):
+        Z = Kc + G[..., None, :]
+        zmax = Z.amax(-1, keepdim=True)
+        E = Z.sub_(zmax).exp_()
+        u = div(a, E.sum(-1), sa)  # exact row update
+        return E, zmax.squeeze(-1), u
+
+    def scalings_ok(u, v):
+        lu, lv = torch.log(u), torch.log(v)
+        if sa is not None:
+            lu = torch.where(sa, lu, torch.zeros_like(lu))
+            lv = torch.where(sb, lv, torch.zeros_like(lv))
+        return torch.isfinite(lu).all() & torch.isfinite(lv).all(), lu, lv
+
+    def absorb(u, v, zmax, G_ref):
+        F = torch.log(u) - zmax
+        G = G_ref + torch.log(v)
+        return F, G
+
+    F_abs, G_abs = F0, G0  # potentials at the last absorption (rollback point)
+    if getattr(L, "E0", None) is not None:  # the first kernel, computed with the centring
+        E = L.E0
+        L.E0 = None
+        zmax = torch.zeros_like(F0)
+        u = div(a, E.sum(-1), sa)
     else:
-        ok = (torch.isfinite(logu) | ~sa).all() & (torch.isfinite(logv) | ~sb).all()
-    if not bool(ok):
-        return F, G, False, None
-    plan = u[..., :, None] * E * v[..., None, :] if want_plan else None
-    return logu - zmax.squeeze(-1), G + logv, True, plan
+        E, zmax, u = build(G0)
+    G_ref = G0
+    v = torch.ones_like(G0)
+    Ev = None  # E v for the current v (reused by the next row update)
+    fresh = True  # the row update of the next iteration was done by build()
+    it = 0
+    P = None
+    while it < max_iter:
+        k = min(check_every, max_iter - it)
+        check = not fixed or it + k >= max_iter
+        for i in range(k):
+            if not fresh:
+                if Ev is None:
+                    Ev = row(E, v)
+                u = relax(u, div(a, Ev, sa), sa)
+            Ktu = col(E, u)
+            vn = div(b, Ktu, sb)
+            # plain column update after a rebuild and at the end of a checked block
+            v = vn if (fresh or (check and i == k - 1)) else relax(v, vn, sb)
+            fresh = False
+            Ev = None
+        it += k
+        ok, lu, lv = scalings_ok(u, v)
+        if not bool(ok):
+            # roll back to the last absorption and redo this block in the log domain
+            it -= k
+            F_abs, G_abs = _log_block(L, F_abs, G_abs, k, 1.0)
+            it += k
+            omega, adaptive = 1.0, False
+            E, zmax, u = build(G_abs)
+            G_ref, v, Ev, fresh = G_abs, torch.ones_like(G_abs), None, True
+            if check:
+                P = L.plan(F_abs, G_abs)
+                err = L.error(P)
+                history.append(err)
+                n_iter = torch.where((err <= tol) & (n_iter < 0), torch.full_like(n_iter, it), n_iter)
+                if fixed or bool((n_iter >= 0).all()):
+                    F, G = F_abs, G_abs
+                    return F, G, P, err, torch.where(n_iter < 0, torch.full_like(n_iter, it),
+                                                     n_iter), it, history
+            continue
+        if check:
+            Ev = row(E, v)
+            rows = u * Ev
+            cols = v * Ktu
+            err = torch.maximum((rows - a).abs().sum(-1), (cols - b).abs().sum(-1)) / asum
+            history.append(err)
+            newly = (err <= tol) & (n_iter < 0)
+            n_iter = torch.where(newly, torch.full_like(n_iter, it), n_iter)
+            if fixed or it >= max_iter or bool((n_iter >= 0).all()):
+                # the returned plan is materialised once and its own error decides
+                P = u[..., :, None] * E * v[..., None, :]
+                errP = L.error(P)
+                history[-1] = errP
+                bad = errP > tol
+                if fixed or not bool(bad.any()) or it >= max_iter:
+                    F, G = absorb(u, v, zmax, G_ref)
+                    n_iter = torch.where(n_iter < 0, torch.full_like(n_iter, it), n_iter)
+                    return F, G, P, errP, n_iter, it, history
+                n_iter = torch.where(bad, torch.full_like(n_iter, -1), n_iter)
+                P = None
+            if adaptive:
+                emax = float(err.max())
+                if err_prev is not None and err_prev > 0 and emax > 0:
+                    rate = (emax / err_prev) ** (1.0 / k)
+                    omega = _omega_from_rate(rate * rate) if rate < 1.0 else 1.0
+                err_prev = emax
+        if bool((lu.abs().amax() > tau) | (lv.abs().amax() > tau)):
+            F_abs, G_abs = absorb(u, v, zmax, G_ref)
+            E, zmax, u = build(G_abs)
+            G_ref, v, Ev, fresh = G_abs, torch.ones_like(G_abs), None, True
+    # not reached: the last block always checks and returns; kept for safety
+    F, G = absorb(u, v, zmax, G_ref)
+    P = u[..., :, None] * E * v[..., None, :]
+    err = L.error(P)
+    history.append(err)
+    n_iter = torch.where(n_iter < 0, torch.full_like(n_iter, it), n_iter)
+    return F, G, P, err, n_iter, it, history
 
 
 def _solve_detached(
@@ -462,6 +580,9 @@ def _solve_detached(
     Returns ``F, G, P, err, n_iter, iterations, history``, where ``P`` is the plan of the final
     potentials (the matrix that is returned) and ``err == history[-1]`` is computed from ``P``.
     """
+    if engine == "absorb":
+        return _absorb_solve(L, F0, G0, tol=tol, max_iter=max_iter, check_every=check_every,
+                             fixed=fixed, momentum=momentum)
     F, G = F0, G0
     batch = L.Kc.shape[:-2]
     n_iter = torch.full(batch, -1, dtype=torch.long, device=L.Kc.device)
@@ -476,12 +597,7 @@ def _solve_detached(
         F_last, G_last = F, G
         check = not fixed or it + k >= max_iter
         P = None
-        if engine == "absorb":
-            Fn, Gn, ok, P = _absorb_block(L, F, G, k, omega, want_plan=check)
-            if not ok:  # roll back, redo this block in the log domain
-                Fn, Gn = _log_block(L, F, G, k, omega)
-        else:
-            Fn, Gn = _log_block(L, F, G, k, omega)
+        Fn, Gn = _log_block(L, F, G, k, omega)
         F, G = Fn, Gn
         it += k
         if not check:
@@ -799,20 +915,27 @@ def _sinkhorn(
         eg1 = eg[..., None] if isinstance(eg, Tensor) else eg
         # centring: the plan is invariant under C -> C - r ⊕ s
         inf_mask = None
-        if allow_inf_cost:
-            with torch.no_grad():
-                fin = torch.isfinite(Cg)
-                if not bool(fin.all()):
-                    inf_mask = fin
+        if allow_inf_cost and unrolling and not _all_finite(Cg):
+            inf_mask = torch.isfinite(Cg)  # masked entries: NaN-free gradients through where
         r = Cg.amin(-1)  # finite: every row keeps a finite entry
         Ct = Cg - r[..., :, None]
         s = Ct.amin(-2)
-        Ct = Ct - s[..., None, :]
+        E0 = None
         if inf_mask is not None:
+            Ct = Ct - s[..., None, :]
             Ct0 = torch.where(inf_mask, Ct, torch.zeros_like(Ct))
             Kc = torch.where(inf_mask, Ct0 / (-eg2), torch.full_like(Ct, -math.inf))
+        elif unrolling or isinstance(eg2, Tensor):
+            Kc = (Ct - s[..., None, :]) / (-eg2)
         else:
-            Kc = Ct / (-eg2) if isinstance(eg2, Tensor) else Ct.mul_(-1.0 / eg2)
+            if engine == "absorb" and init is None:
+                # the first kernel of the scaling engine, exp(-(C - r)/eps): its rows have
+                # maximum one exactly (the row minimum of C - r is 0), no max pass needed
+                E0 = torch.mul(Ct, -1.0 / eg2).exp_()
+            # Kc = -(Ct - s)/eps in place, one pass
+            Kc = torch.add(s[..., None, :] / eg2, Ct, alpha=-1.0 / eg2, out=Ct)
+        L = _Loop(Kc, a_g, b_g, sa, sb)
+        L.E0 = E0
         L = _Loop(Kc, a_g, b_g, sa, sb)
 
         # starting potentials (units of eps, centred coordinates): the uncentred iterates
@@ -963,7 +1086,7 @@ def project_dsm(logits: Tensor, tau: EpsLike = 1.0, **kw) -> SinkhornResult:
     if "a" in kw or "b" in kw:
         raise ValueError("project_dsm fixes the marginals to ones; use sinkhorn() for other marginals")
     cdtype = _compute_dtype(logits.dtype, "logits")
-    if kw.get("check_inputs", True):
+    if kw.get("check_inputs", True) and not _all_finite(logits.detach()):
         with torch.no_grad():
             bad = torch.isnan(logits) | (logits == math.inf)
             if bool(bad.any()):
