@@ -425,7 +425,6 @@ def _absorb_solve(
     a = L.a.expand(batch + (n,))
     b = L.b.expand(batch + (m,))
     asum = a.sum(-1)
-    small = n * m <= 256  # elementwise beats batched GEMV on tiny matrices
     tau = 0.25 * math.log(torch.finfo(Kc.dtype).max)
     n_iter = torch.full(batch, -1, dtype=torch.long, device=Kc.device)
     history: list = []
@@ -433,16 +432,14 @@ def _absorb_solve(
     adaptive = momentum == "adaptive"
     err_prev = None
 
+    # batched matmul beats the elementwise product-and-sum for every size measured (n = 2..16,
+    # torch 2.13 CPU); GEMV for a single matrix
     def col(E, u_):
-        if small:
-            return (E * u_[..., :, None]).sum(-2)
         if E.dim() == 2:
             return torch.mv(E.t(), u_)  # GEMV: faster than a 1-row GEMM
         return torch.matmul(u_.unsqueeze(-2), E).squeeze(-2)
 
     def row(E, v_):
-        if small:
-            return (E * v_[..., None, :]).sum(-1)
         if E.dim() == 2:
             return torch.mv(E, v_)
         return torch.matmul(E, v_.unsqueeze(-1)).squeeze(-1)
