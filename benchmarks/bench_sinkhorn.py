@@ -17,6 +17,9 @@ Usage:
     python benchmarks/bench_sinkhorn.py                     # CPU defaults, n in {256, 1024, 4096}
     python benchmarks/bench_sinkhorn.py --device cuda --dtype float32
     python benchmarks/bench_sinkhorn.py --sizes 256 --reps 1 --json out.json
+    python benchmarks/bench_sinkhorn.py --sizes 1024 4096 --eps 0.01 0.002 --raw \
+        --threads-list 1 2 --tiny-batch 0                 # dense: per-iteration limit, threads
+    python benchmarks/bench_sinkhorn.py --sizes --tiny-sizes 2 4 8 16 --tiny-grad  # tiny batch
 """
 
 from __future__ import annotations
@@ -28,7 +31,60 @@ import sys
 
 import torch
 
-from bistochastic.bench import bench_dense, bench_tiny, copy_bandwidth, pot_version
+from bistochastic import project_dsm
+from bistochastic.bench import (autograd_saved_bytes, bench_dense, bench_tiny, copy_bandwidth,
+                                make_problem, pot_version, timeit)
+
+
+def raw_sk_ms_per_it(n, eps, dtype, dev, reps, iters=20):
+    """One raw scaling-domain Sinkhorn-Knopp iteration (two GEMVs with a precomputed kernel,
+    ``u = a / K v``, ``v = b / Kᵀ u``): the practical per-iteration limit of any dense solver."""
+    C, a, b = make_problem(n, dtype, dev)
+    K = torch.exp(-C / eps)
+
+    def run():
+        u, v = torch.ones_like(a), torch.ones_like(b)
+        for _ in range(iters):
+            u = a / torch.mv(K, v)
+            v = b / torch.mv(K.t(), u)
+        return v
+
+    t, _ = timeit(run, dev, reps)
+    return t / iters * 1e3
+
+
+def bench_tiny_grad(B, n, iters, dtype, dev, reps, tau=1.0):
+    """Forward+backward of B batched n x n projections, 20 sweeps: autograd through the plain
+    eager log-domain loop (what mHC code does), ours unrolled, ours implicit; time and the bytes
+    autograd saves for the backward (its memory)."""
+    g = torch.Generator().manual_seed(2)
+    logits0 = torch.randn(B, n, n, generator=g, dtype=torch.float64).to(dtype=dtype, device=dev)
+    W = torch.randn(B, n, n, generator=g, dtype=torch.float64).to(dtype=dtype, device=dev)
+
+    def eager(lg):
+        L = lg / tau
+        for _ in range(iters):
+            L = L - torch.logsumexp(L, dim=-1, keepdim=True)
+            L = L - torch.logsumexp(L, dim=-2, keepdim=True)
+        return L.exp()
+
+    fns = {
+        "eager_loop": eager,
+        "unroll": lambda lg: project_dsm(lg, tau=tau, n_iter=iters, grad="unroll").plan,
+        "implicit": lambda lg: project_dsm(lg, tau=tau, n_iter=iters, grad="implicit").plan,
+    }
+    row = {"B": B, "n": n, "iters": iters, "dtype": str(dtype).split(".")[-1], "kind": "tiny_grad"}
+    for name, fn in fns.items():
+        def step():
+            lg = logits0.clone().requires_grad_()
+            (fn(lg) * W).sum().backward()
+            return lg.grad
+
+        t, _ = timeit(step, dev, reps)
+        lg = logits0.clone().requires_grad_()
+        row[name + "_ms"] = t * 1e3
+        row[name + "_saved_MB"] = autograd_saved_bytes(lambda: fn(lg)) / 2**20
+    return row
 
 
 def main(argv=None):
@@ -41,6 +97,16 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tiny-batch", type=int, default=65536)
     ap.add_argument("--tiny-dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--tiny-sizes", type=int, nargs="*", default=[4],
+                    help="matrix sizes n of the batched-tiny part (B*n*n kept at 65536*16)")
+    ap.add_argument("--tiny-grad", action="store_true",
+                    help="also time forward+backward (unroll, implicit, eager-loop autograd) and "
+                         "the bytes saved for the backward, 20 sweeps")
+    ap.add_argument("--raw", action="store_true",
+                    help="dense: also time a raw scaling-domain Sinkhorn-Knopp iteration (two "
+                         "GEMVs with a precomputed kernel) and report ours per iteration against it")
+    ap.add_argument("--threads-list", type=int, nargs="*", default=None,
+                    help="dense: repeat the dense rows at each of these thread counts")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     ap.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
     args = ap.parse_args(argv)
@@ -59,27 +125,48 @@ def main(argv=None):
            f"{'plain its':>9} {'ms/it':>7} {'s':>7} | {'POT its':>7} {'ms/it':>7} {'s':>7} | "
            f"{'POT/ours':>8} {'plain/ours':>10} {'ours/floor':>10}")
     print(hdr)
-    for n in args.sizes:
-        for eps in args.eps:
-            r = bench_dense(n, eps, args.tol, dtype, dev, args.reps, bw)
-            rows.append(r)
-            print(f"{n:>5} {eps:>6g} | {r['floor_ms_per_it']:>11.3f} | {r['ours_its']:>8} "
-                  f"{r['ours_ms_per_it']:>7.3f} {r['ours_s']:>7.3f} | {r['plain_its']:>9} "
-                  f"{r['plain_ms_per_it']:>7.3f} {r['plain_s']:>7.3f} | {r.get('pot_its', 0):>7} "
-                  f"{r.get('pot_ms_per_it', float('nan')):>7.3f} {r.get('pot_s', float('nan')):>7.3f} | "
-                  f"{r.get('pot_over_ours', float('nan')):>8.2f} {r['plain_over_ours']:>10.2f} "
-                  f"{r['ours_over_floor_per_it']:>10.1f}", flush=True)
+    default_threads = torch.get_num_threads()
+    for threads in (args.threads_list or [None]):
+        if threads:
+            torch.set_num_threads(threads)
+            print(f"# {threads} thread(s)")
+        for n in args.sizes:
+            for eps in args.eps:
+                r = bench_dense(n, eps, args.tol, dtype, dev, args.reps, bw)
+                r["threads"] = torch.get_num_threads()
+                if args.raw:
+                    r["raw_ms_per_it"] = raw_sk_ms_per_it(n, eps, dtype, dev, args.reps)
+                    r["ours_over_raw_per_it"] = r["ours_ms_per_it"] / r["raw_ms_per_it"]
+                rows.append(r)
+                extra = (f" | raw SK {r['raw_ms_per_it']:.3f} ms/it, ours/raw "
+                         f"{r['ours_over_raw_per_it']:.2f}") if args.raw else ""
+                print(f"{n:>5} {eps:>6g} | {r['floor_ms_per_it']:>11.3f} | {r['ours_its']:>8} "
+                      f"{r['ours_ms_per_it']:>7.3f} {r['ours_s']:>7.3f} | {r['plain_its']:>9} "
+                      f"{r['plain_ms_per_it']:>7.3f} {r['plain_s']:>7.3f} | {r.get('pot_its', 0):>7} "
+                      f"{r.get('pot_ms_per_it', float('nan')):>7.3f} {r.get('pot_s', float('nan')):>7.3f} | "
+                      f"{r.get('pot_over_ours', float('nan')):>8.2f} {r['plain_over_ours']:>10.2f} "
+                      f"{r['ours_over_floor_per_it']:>10.1f}{extra}", flush=True)
+    torch.set_num_threads(default_threads)
     if args.tiny_batch:
         tdt = getattr(torch, args.tiny_dtype)
         bw_t = copy_bandwidth(dev, tdt)
-        r = bench_tiny(args.tiny_batch, 4, 20, tdt, dev, args.reps, bw_t)
-        rows.append(r)
-        print(f"\n## Batched tiny problems: {r['B']} matrices of 4x4, 20 iterations, {r['dtype']}")
-        print(f"floor {r['floor_ms']:.3f} ms | ours(log) {r['ours_log_ms']:.2f} ms | ours(absorb) "
-              f"{r['ours_absorb_ms']:.2f} ms | plain {r['plain_ms']:.2f} ms | POT batch "
-              f"{r.get('pot_batch_ms', float('nan')):.2f} ms | plain/ours {r['plain_over_ours']:.2f} | "
-              f"POT/ours {r.get('pot_over_ours', float('nan')):.2f} | ours/floor {r['ours_over_floor']:.1f} | "
-              f"max marginal error after 20 its {r['max_row_err_ours']:.1e}")
+        for tn in args.tiny_sizes:
+            B = max(1, args.tiny_batch * 16 // (tn * tn))
+            r = bench_tiny(B, tn, 20, tdt, dev, args.reps, bw_t)
+            rows.append(r)
+            print(f"\n## Batched tiny problems: {r['B']} matrices of {tn}x{tn}, 20 iterations, "
+                  f"{r['dtype']}")
+            print(f"floor {r['floor_ms']:.3f} ms | ours(log) {r['ours_log_ms']:.2f} ms | ours(absorb) "
+                  f"{r['ours_absorb_ms']:.2f} ms | plain {r['plain_ms']:.2f} ms | POT batch "
+                  f"{r.get('pot_batch_ms', float('nan')):.2f} ms | plain/ours {r['plain_over_ours']:.2f} | "
+                  f"POT/ours {r.get('pot_over_ours', float('nan')):.2f} | ours/floor {r['ours_over_floor']:.1f} | "
+                  f"max marginal error after 20 its {r['max_row_err_ours']:.1e}")
+            if args.tiny_grad:
+                g = bench_tiny_grad(B, tn, 20, tdt, dev, args.reps)
+                rows.append(g)
+                print("forward+backward, 20 sweeps (ms | bytes saved for the backward):")
+                for k in ("eager_loop", "unroll", "implicit"):
+                    print(f"  {k:>10}: {g[k + '_ms']:8.2f} ms | {g[k + '_saved_MB']:8.2f} MB")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": str(dev), "torch": torch.__version__, "bandwidth": bw, "rows": rows}, fh, indent=1)

@@ -374,3 +374,326 @@ def test_gpu_implicit_gradient_and_batched_tiny():
     logits = torch.randn(65536, 4, 4, generator=g).cuda()
     M = bs.project_dsm(logits, tau=1.0, n_iter=20)
     assert M.plan.device.type == "cuda" and torch.isfinite(M.plan).all()
+
+
+# ===================================================================== issue: honest reports
+# Every reported number describes the returned plan; centring keeps plans of shifted or huge
+# costs accurate; zero weights are handled on the support; bad input is refused clearly.
+
+
+def _recomputed_error(res, a, b):
+    """The marginal error of the returned plan, recomputed in float64."""
+    P = res.plan.to(F64)
+    n, m = P.shape[-2:]
+    a = torch.full((n,), 1.0 / n, dtype=F64) if a is None else a.to(F64)
+    b = torch.full((m,), 1.0 / m, dtype=F64) if b is None else b.to(F64)
+    return bs.marginal_error(P, a.expand(P.shape[:-1]), b.expand(P.shape[:-2] + (m,)))
+
+
+def _roundoff(res):
+    n, m = res.plan.shape[-2:]
+    return 4 * (n + m) * torch.finfo(res.plan.dtype).eps
+
+
+def _assert_honest(res, a=None, b=None):
+    """Reported error = the returned plan's error (to round-off); converged only if it is <= tol."""
+    rec = _recomputed_error(res, a, b)
+    slack = _roundoff(res)
+    assert torch.isfinite(res.plan).all()
+    assert torch.allclose(res.marginal_error.to(F64), rec, atol=slack, rtol=0), (
+        res.marginal_error, rec)
+    assert torch.equal(res.errors[-1], res.marginal_error)
+    assert bool((~res.converged | (rec <= res.tol + slack)).all())
+    assert torch.equal(res.converged, res.marginal_error <= res.tol)
+
+
+@pytest.mark.parametrize("case", ["1e16", "dsm+1000 f32 n_iter", "f32+1000", "1e30 f32",
+                                  "1e30 f64", "tiny eps f32", "tiny eps f64"])
+def test_reports_describe_the_returned_plan_on_the_issue_reproducers(case):
+    g = _gen(30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bs.SinkhornWarning)
+        if case == "1e16":
+            res, a = bs.sinkhorn(torch.full((5, 4), 1e16, dtype=F64), 0.1), None
+            torch.testing.assert_close(res.plan, torch.full((5, 4), 0.05, dtype=F64))
+        elif case == "dsm+1000 f32 n_iter":
+            logits = (torch.randn(4, 4, generator=g) + 1000).float()
+            res, a = bs.project_dsm(logits, 1.0, n_iter=20), torch.ones(4)
+            assert float(_recomputed_error(res, a, a)) < 1e-6
+        elif case == "f32+1000":
+            res, a = bs.sinkhorn(torch.rand(30, 30, generator=g) + 1000, 0.1), None
+            assert bool(res.converged)
+        elif case.startswith("1e30"):
+            dt = torch.float32 if "f32" in case else F64
+            res, a = bs.sinkhorn(torch.rand(20, 20, generator=g, dtype=dt) * 1e30, 1.0), None
+        else:
+            dt = torch.float32 if "f32" in case else F64
+            res, a = bs.sinkhorn(torch.rand(20, 20, generator=g, dtype=dt), 1e-6,
+                                 max_iter=100), None
+    _assert_honest(res, a, a)
+    assert float(res.plan.to(F64).sum()) == pytest.approx(float(4 if a is not None else 1),
+                                                          rel=1e-3)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(n=st.integers(2, 12), m=st.integers(2, 12), seed=st.integers(0, 10_000),
+       shift=st.floats(-1e6, 1e6), scale=st.floats(1e-2, 1e3), rel_eps=st.floats(1e-3, 1.0),
+       zeros=st.booleans(), f32=st.booleans(), engine=st.sampled_from(["log", "absorb"]),
+       fixed=st.booleans())
+def test_reported_error_is_the_returned_plans_error(n, m, seed, shift, scale, rel_eps, zeros,
+                                                    f32, engine, fixed):
+    """Property: for any cost (shifted by up to 1e6), zero weights, eps down to 1e-3 x range,
+    float32 or float64, any engine and mode: the reported error equals the error recomputed from
+    the returned plan (to round-off), and ``converged`` implies that error is <= tol."""
+    g = _gen(seed)
+    dt = torch.float32 if f32 else F64
+    C = (scale * torch.rand(n, m, generator=g, dtype=F64) + shift).to(dt)
+    a = torch.rand(n, generator=g, dtype=F64) + 0.1
+    b = torch.rand(m, generator=g, dtype=F64) + 0.1
+    if zeros:
+        a[0] = 0.0
+        b[-1] = 0.0
+    a, b = (a / a.sum()).to(dt), (b / b.sum()).to(dt)
+    rng = float(C.max() - C.min()) or 1.0
+    kw = dict(n_iter=50) if fixed else dict(max_iter=500)
+    res = bs.sinkhorn(C, rel_eps * rng, a, b, tol=1e-5 if f32 else 1e-9, engine=engine,
+                      warn=False, **kw)
+    _assert_honest(res, a, b)
+    if zeros:
+        assert (res.plan[0] == 0).all() and (res.plan[:, -1] == 0).all()
+
+
+def test_fixed_iteration_mode_warns_when_the_plan_is_not_finite():
+    C = torch.tensor([[0.0, float("nan")], [1.0, 0.0]], dtype=F64)
+    with pytest.warns(bs.SinkhornWarning, match="non-finite"):
+        res = bs.sinkhorn(C, 0.5, n_iter=3, check_inputs=False)
+    assert not bool(res.converged)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_rule(dtype):
+    """The rule: computed in fp32, plan in the input dtype, everything else fp32 describing the
+    fp32 plan; the returned half plan's own error is at most marginal_error + its unit round-off."""
+    logits = torch.randn(3, 8, 8, generator=_gen(31)).to(dtype)
+    res = bs.project_dsm(logits, tau=1.0)
+    assert res.plan.dtype == dtype
+    for t in (res.f, res.g, res.marginal_error, res.errors):
+        assert t.dtype == torch.float32
+    ones = torch.ones(8)
+    rec = _recomputed_error(res, ones, ones)
+    u = torch.finfo(dtype).eps / 2
+    assert bool((rec <= res.marginal_error.double() + 2 * u).all())
+
+
+# ----------------------------------------------------------------------------- zero weights
+
+
+@pytest.mark.parametrize("engine", ["log", "absorb"])
+def test_warm_start_accepts_minus_inf_potentials(engine):
+    C, a, b = _problem(12, 15, seed=32, uniform=False)
+    a[2] = 0.0
+    b[5] = 0.0
+    a, b = a / a.sum(), b / b.sum()
+    res = bs.sinkhorn(C, 0.05, a, b, tol=1e-10, engine=engine)
+    assert torch.isinf(res.f[2]) and torch.isinf(res.g[5])
+    again = bs.sinkhorn(C, 0.05, a, b, tol=1e-10, init=(res.f, res.g), check_every=1,
+                        engine=engine)
+    assert int(again.n_iter) == 1
+    torch.testing.assert_close(again.plan, res.plan, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dense_max", [10_000, 0])
+def test_implicit_gradient_with_zero_weights_is_finite(monkeypatch, dense_max):
+    """The implicit backward restricts its linear system to the support (dense and CG paths)."""
+    monkeypatch.setattr(sk, "DENSE_SCHUR_MAX", dense_max)
+    C0, a, b = _problem(10, 12, seed=33, uniform=False)
+    a[0] = 0.0
+    b[3] = 0.0
+    a, b = a / a.sum(), b / b.sum()
+    W = torch.randn(10, 12, generator=_gen(33), dtype=F64)
+    out = {}
+    for mode in ("implicit", "unroll"):
+        C = C0.clone().requires_grad_()
+        res = bs.sinkhorn(C, 0.1, a, b, tol=1e-13, grad=mode, max_iter=20000)
+        (out[mode],) = torch.autograd.grad((res.plan * W).sum(), C)
+        assert torch.isfinite(out[mode]).all()
+    torch.testing.assert_close(out["implicit"], out["unroll"], atol=1e-9, rtol=1e-7)
+
+
+# ------------------------------------------------------------------- gradients for every input
+
+
+def _grad_problem(zero: bool):
+    g = _gen(34)
+    C = torch.rand(5, 4, generator=g, dtype=F64)
+    ar = torch.rand(5, generator=g, dtype=F64) + 0.3
+    br = torch.rand(4, generator=g, dtype=F64) + 0.3
+    W = torch.randn(5, 4, generator=g, dtype=F64)
+    mask_a = torch.tensor([0.0, 1, 1, 1, 1], dtype=F64) if zero else torch.ones(5, dtype=F64)
+    mask_b = torch.tensor([1.0, 1, 0, 1], dtype=F64) if zero else torch.ones(4, dtype=F64)
+    return C, ar, br, W, mask_a, mask_b
+
+
+def _loss_all_inputs(mode, W, mask_a, mask_b, n_iter=None):
+    def fn(C, ar, br, eps):
+        a = ar * mask_a
+        b = br * mask_b
+        a, b = a / a.sum(), b / b.sum()
+        kw = dict(n_iter=n_iter) if n_iter else dict(tol=1e-15, max_iter=20000)
+        res = bs.sinkhorn(C, eps, a, b, grad=mode, **kw)
+        f = torch.where(a > 0, res.f, torch.zeros_like(res.f))
+        g = torch.where(b > 0, res.g, torch.zeros_like(res.g))
+        return (res.plan * W).sum() + (f * a).sum() + (g * b).sum()
+    return fn
+
+
+@pytest.mark.parametrize("zero", [False, True])
+@pytest.mark.parametrize("mode", ["unroll", "implicit"])
+def test_gradcheck_cost_marginals_and_eps(mode, zero):
+    C, ar, br, W, ma, mb = _grad_problem(zero)
+    eps = torch.tensor(0.5, dtype=F64)
+    inputs = tuple(t.clone().requires_grad_() for t in (C, ar, br, eps))
+    assert torch.autograd.gradcheck(_loss_all_inputs(mode, W, ma, mb), inputs, eps=1e-6,
+                                    atol=1e-7)
+
+
+def test_gradcheck_fixed_iterations_unrolled():
+    C, ar, br, W, ma, mb = _grad_problem(True)
+    eps = torch.tensor(0.3, dtype=F64)
+    inputs = tuple(t.clone().requires_grad_() for t in (C, ar, br, eps))
+    assert torch.autograd.gradcheck(_loss_all_inputs("unroll", W, ma, mb, n_iter=7), inputs,
+                                    eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("zero", [False, True])
+def test_implicit_and_unrolled_agree_for_every_input(zero):
+    C, ar, br, W, ma, mb = _grad_problem(zero)
+    eps = torch.tensor(0.2, dtype=F64)
+    grads = {}
+    for mode in ("unroll", "implicit"):
+        inputs = tuple(t.clone().requires_grad_() for t in (C, ar, br, eps))
+        grads[mode] = torch.autograd.grad(_loss_all_inputs(mode, W, ma, mb)(*inputs), inputs)
+    for gi, gu in zip(grads["implicit"], grads["unroll"]):
+        torch.testing.assert_close(gi, gu, atol=1e-9, rtol=1e-7)
+
+
+def test_raw_marginal_gradients_agree_up_to_the_balanced_gauge():
+    """d/da and d/db are defined on balanced perturbations only: implicit and unrolled agree up to
+    adding (c on supp a, -c on supp b)."""
+    C, a, b = _problem(6, 7, seed=35, uniform=False)
+    a[1] = 0.0
+    a = a / a.sum()
+    out = {}
+    for mode in ("unroll", "implicit"):
+        a_, b_ = a.clone().requires_grad_(), b.clone().requires_grad_()
+        res = bs.sinkhorn(C, 0.3, a_, b_, tol=1e-14, grad=mode, max_iter=10000)
+        out[mode] = torch.autograd.grad((res.plan * C).sum(), (a_, b_))
+    ga = out["implicit"][0] - out["unroll"][0]
+    gb = out["implicit"][1] - out["unroll"][1]
+    c = ga[a > 0].mean()
+    torch.testing.assert_close(ga[a > 0], c.expand(5), atol=1e-9, rtol=0)
+    torch.testing.assert_close(gb, -c.expand(7), atol=1e-9, rtol=0)
+    assert ga[1] == 0
+
+
+@pytest.mark.parametrize("mode", ["unroll", "implicit"])
+def test_per_problem_eps_tensor_gets_gradients_and_matches_separate_solves(mode):
+    g = _gen(36)
+    C = torch.rand(3, 6, 6, generator=g, dtype=F64)
+    eps = torch.tensor([0.2, 0.5, 1.0], dtype=F64, requires_grad=True)
+    res = bs.sinkhorn(C, eps, tol=1e-13, grad=mode, max_iter=10000)
+    assert isinstance(res.eps, torch.Tensor) and res.eps is eps
+    (res.plan * C).sum().backward()
+    assert eps.grad is not None and eps.grad.shape == (3,)
+    for k in range(3):
+        single = bs.sinkhorn(C[k], float(eps[k].detach()), tol=1e-13, max_iter=10000)
+        torch.testing.assert_close(res.plan[k].detach(), single.plan, atol=1e-11, rtol=0)
+        e = torch.tensor(float(eps[k].detach()), dtype=F64, requires_grad=True)
+        (bs.sinkhorn(C[k], e, tol=1e-13, grad=mode, max_iter=10000).plan * C[k]).sum().backward()
+        torch.testing.assert_close(eps.grad[k], e.grad, atol=1e-9, rtol=1e-7)
+
+
+def test_unroll_runs_when_only_a_or_eps_requires_grad():
+    C, a, b = _problem(5, 5, seed=37)
+    a_ = a.clone().requires_grad_()
+    res = bs.sinkhorn(C, 0.5, a_, b)
+    res.plan.sum().backward()
+    assert a_.grad is not None
+    tau = torch.tensor(0.7, requires_grad=True)
+    M = bs.project_dsm(torch.randn(4, 4, generator=_gen(37)), tau, n_iter=5).plan
+    (M * torch.arange(16.0).reshape(4, 4)).sum().backward()
+    assert tau.grad is not None and torch.isfinite(tau.grad)
+
+
+# --------------------------------------------------------------------------- fault section
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(cost=torch.zeros(2, 2, dtype=torch.complex128)), TypeError, "`cost` is complex"),
+    (dict(a=torch.tensor([0.5, 0.5], dtype=torch.complex64)), TypeError, "`a` is complex"),
+    (dict(cost=torch.zeros(2, 2, dtype=torch.bool)), TypeError, "`cost` is boolean"),
+    (dict(max_iter=None), TypeError, "`max_iter`"),
+    (dict(max_iter=float("inf")), ValueError, "`max_iter`"),
+    (dict(max_iter=2.5), ValueError, "`max_iter`"),
+    (dict(max_iter=True), TypeError, "`max_iter`"),
+    (dict(tol=None), TypeError, "`tol`"),
+    (dict(tol="1e-3"), TypeError, "`tol`"),
+    (dict(tol=float("nan")), ValueError, "`tol`"),
+    (dict(tol=-1.0), ValueError, "`tol`"),
+    (dict(check_every=None), TypeError, "`check_every`"),
+    (dict(n_iter="3"), TypeError, "`n_iter`"),
+    (dict(eps=None), TypeError, "`eps`"),
+    (dict(eps=torch.tensor([0.5, -1.0])), ValueError, "`eps`"),
+    (dict(eps=torch.tensor([0.5, 0.5, 0.5])), ValueError, "`eps`"),
+    (dict(eps=torch.tensor(0.5j)), TypeError, "`eps` is complex"),
+    (dict(cost=torch.zeros(3, 2, 2, dtype=F64), init=(torch.zeros(2, 2), torch.zeros(2, 2))),
+     ValueError, "`init`"),
+    (dict(init=(torch.tensor([0.0, float("inf")]), torch.zeros(2))), ValueError, r"`init\[0\]`"),
+    (dict(cost=torch.zeros(2, 2, device="meta")), ValueError, "meta device"),
+    (dict(a=torch.zeros(2, device="meta")), ValueError, "meta device"),
+])
+def test_fault_bad_input_is_refused_naming_the_argument(kwargs, exc, match):
+    args = dict(cost=torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=F64), eps=0.5)
+    args.update(kwargs)
+    cost, eps = args.pop("cost"), args.pop("eps")
+    with pytest.raises(exc, match=match):
+        bs.sinkhorn(cost, eps, **args)
+
+
+@pytest.mark.parametrize("logits,match", [
+    (torch.tensor([[0.0, float("nan")], [1.0, 0.0]]), "`logits` contains NaN"),
+    (torch.tensor([[0.0, float("inf")], [1.0, 0.0]]), r"`logits` contains NaN or \+inf"),
+    (torch.tensor([[0.0, 1.0], [-math.inf, -math.inf]]), "`logits` row 1"),
+    (torch.tensor([[0.0, -math.inf], [1.0, -math.inf]]), "`logits` column 1"),
+    (torch.zeros(2, 2, dtype=torch.complex64), "`logits` is complex"),
+])
+def test_fault_project_dsm_logits(logits, match):
+    exc = TypeError if logits.is_complex() else ValueError
+    with pytest.raises(exc, match=match):
+        bs.project_dsm(logits)
+
+
+@pytest.mark.parametrize("grad", ["none", "unroll", "implicit"])
+def test_minus_inf_logits_are_a_support_mask(grad):
+    g = _gen(38)
+    logits = torch.randn(2, 5, 5, generator=g, dtype=F64)
+    mask = torch.rand(2, 5, 5, generator=g, dtype=F64) < 0.3
+    mask &= ~torch.eye(5, dtype=torch.bool)  # the diagonal keeps every row and column feasible
+    logits = logits.masked_fill(mask, -math.inf).requires_grad_(grad != "none")
+    res = bs.project_dsm(logits, 0.5, tol=1e-10, max_iter=20000, grad=grad)
+    assert res.all_converged
+    assert (res.plan[mask] == 0).all()
+    _assert_honest(res, torch.ones(5, dtype=F64), torch.ones(5, dtype=F64))
+    if grad != "none":
+        W = torch.randn(2, 5, 5, generator=g, dtype=F64)
+        (gl,) = torch.autograd.grad((res.plan * W).sum(), logits)
+        assert torch.isfinite(gl).all() and (gl[mask] == 0).all()
+
+
+def test_fault_book_setup_refuses_cuda_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ValueError, match="`device`"):
+        bs.book.resolve_device("cuda")
+    with pytest.raises(ValueError, match="`device`"):
+        bs.book.setup("00_preface", profile="ci", seed=0, device="cuda")

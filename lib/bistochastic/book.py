@@ -93,10 +93,31 @@ def table(rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence[str]] = 
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` means CUDA when present, else the CPU."""
+    """``"auto"`` means CUDA when present, else the CPU.
+
+    A device that this machine does not have (``"cuda"`` without CUDA, ``"cuda:3"`` on a one-GPU
+    machine, ``"mps"`` off Apple silicon) raises ``ValueError`` naming ``device`` here, at setup,
+    rather than at the first tensor moved there.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"`device` {device!r} is not a torch device: {exc}") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"`device` {device!r} asked for CUDA, but CUDA is not available here; "
+                             "use device='auto' or 'cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"`device` {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"`device` {device!r} asked for MPS, which is not available here")
+    elif dev.type == "meta":
+        raise ValueError("`device` 'meta' holds no data; a chapter needs 'cpu', 'cuda' or 'auto'")
+    return dev
 
 
 @dataclass
