@@ -118,11 +118,16 @@ TABLE: Dict[str, Dict[str, Dict[str, Any]]] = {
     },
     "14_premature_collapse": {
         "ci": {"n": 8, "d": 8, "batch": 4, "test_batch": 24, "sigma": 0.5, "epochs": 100, "lr": 0.01,
-               "init_scale": 1.0, "seeds": 10, "eps0": 1.0, "eps_min": 0.01, "t_floor": 90,
-               "cal_eps_min": 0.2, "cal_seed": 1000},
+               "init_scale": 1.0, "seeds": 12, "eps0": 1.0, "eps_min": 0.01, "t_floor": 90,
+               "cal_eps_min": 0.2, "cal_seed": 1000, "ks": (0.03, 0.06, 0.125, 0.25, 0.5, 1.0, 2.0),
+               "paper": {"n": 10, "epochs": 50, "k": 0.5, "seeds": 12}, "n_solver_eps": 25,
+               "converged_iter": 3000},
         "full": {"n": 16, "d": 16, "batch": 16, "test_batch": 128, "sigma": 0.5, "epochs": 200, "lr": 0.01,
                  "init_scale": 1.0, "seeds": 30, "eps0": 1.0, "eps_min": 0.01, "t_floor": 90,
-                 "cal_eps_min": 0.05, "cal_seed": 1000},
+                 "cal_eps_min": 0.05, "cal_seed": 1000,
+                 "ks": (0.015, 0.03, 0.045, 0.06, 0.09, 0.125, 0.18, 0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 4.0),
+                 "paper": {"n": 10, "epochs": 50, "k": 0.5, "seeds": 30}, "n_solver_eps": 49,
+                 "converged_iter": 20000},
     },
 }
 

@@ -1,7 +1,7 @@
 """A synthetic permutation-learning task with a Sinkhorn matching head, for annealing experiments.
 
-The task (recipe 6 of the premature-collapse notes, made learnable)
--------------------------------------------------------------------
+The task (a learnable version of the paper's matching setting)
+--------------------------------------------------------------
 One *replication* (one seed) draws a hidden linear distortion ``A ∈ R^{d×d}`` shared by all its
 problems. A *problem* is a pair of point sets: ``X ∈ R^{N×d}`` with i.i.d. standard normal entries, a
 uniformly random permutation ``π`` and
@@ -34,15 +34,19 @@ Evaluation
 ----------
 * :func:`hungarian`: the optimal assignment (``scipy.optimize.linear_sum_assignment``) of a batch of
   costs, with an exact fast path when the row-wise argmin is already a permutation.
-* The model's assignment is the Hungarian assignment of its cost, i.e. the ``ε → 0`` (MAP) read-out
-  of the Sinkhorn head. It does not depend on ``ε``, so accuracy measures the learned features
-  ``W`` alone; the plan's sharpness is measured separately by its row entropy.
+* Three read-outs of the final model (:func:`plan_readouts`, :attr:`TrainResult.readout`):
+  the Hungarian assignment of its cost (the ``ε → 0`` MAP read-out: it measures the learned
+  features ``W`` alone and does not depend on ``ε``); the layer's own hard output, the row-argmax of
+  the ``K``-sweep plan at the last training temperature; and the soft accuracy, the plan's mean mass
+  at the true pairs. The plan's marginal errors are reported with them: ``K`` cold sweeps at small
+  ``ε`` do not give a doubly-stochastic plan.
 * :func:`row_entropy`, :func:`collapse_epoch`, :func:`premature_collapse` (definitions there).
 
 Everything is deterministic for a seed: random numbers are drawn from seeded CPU generators and then
 moved to the device. :func:`train_many` runs several schedulers × several seeds as one batched
 tensor program (one Adam over a parameter of shape ``(runs, d, d)``; Adam is elementwise, so the runs
-do not interact).
+do not interact). :class:`Replay` replays a recorded temperature sequence (the open-loop control
+of a closed-loop rule).
 """
 
 from __future__ import annotations
@@ -72,8 +76,8 @@ __all__ = [
     "premature_collapse",
     "train",
     "train_many",
-    "mean_ci",
-    "paired_diff_ci",
+    "plan_readouts",
+    "Replay",
     "brake_after_brake",
 ]
 
@@ -404,36 +408,92 @@ def acc_at(t: Tensor, trace: Tensor) -> Tensor:
 __all__.append("acc_at")
 
 
-# ----------------------------------------------------------------------------------------------
-# statistics over seeds
+def plan_readouts(plan: Tensor, perm: Tensor) -> Dict[str, Tensor]:
+    """Three ways to score a plan against the true assignment, and how far it is from a plan.
 
-
-def mean_ci(x: Union[Tensor, np.ndarray], level: float = 0.95) -> tuple:
-    """Mean and Student-t confidence interval over the last axis (the seeds).
+    Parameters
+    ----------
+    plan : Tensor ``(..., B, N, N)``, nonnegative
+        The layer's output (unit row and column sums if the solver converged).
+    perm : LongTensor ``(..., B, N)``
+        True assignment ``π``: row ``i`` matches column ``π(i)``.
 
     Returns
     -------
-    (mean, lo, hi) as numpy arrays of shape ``x.shape[:-1]``.
+    dict of Tensor ``(...)`` (float64)
+        ``"hard"``: fraction of rows whose largest entry is at the true column (row-argmax of the
+        plan, the layer's own hard output; not forced to be a permutation);
+        ``"soft"``: mean mass ``P_{i,π(i)}`` at the true pairs (rows normalised to sum to one);
+        ``"row_err"``: largest ``|Σ_j P_ij − 1|`` over rows, averaged over the problems ``B``;
+        ``"col_err"``: the same for the column sums.
     """
-    from scipy import stats
+    if not isinstance(plan, Tensor) or plan.dim() < 3 or plan.shape[-1] != plan.shape[-2]:
+        raise ValueError("`plan` must be a tensor of shape (..., B, N, N)")
+    if not isinstance(perm, Tensor) or perm.shape != plan.shape[:-1]:
+        raise ValueError(f"`perm` must have shape {tuple(plan.shape[:-1])}; got "
+                         f"{tuple(perm.shape) if isinstance(perm, Tensor) else type(perm)}")
+    P = plan.detach().to(torch.float64)
+    rows = P.sum(-1)
+    cols = P.sum(-2)
+    hard = assignment_accuracy(P.argmax(-1), perm)
+    Pn = P / rows[..., None].clamp_min(torch.finfo(P.dtype).tiny)
+    soft = torch.gather(Pn, -1, perm[..., None])[..., 0].mean(dim=(-1, -2))
+    row_err = (rows - 1.0).abs().amax(-1).mean(-1)
+    col_err = (cols - 1.0).abs().amax(-1).mean(-1)
+    return {"hard": hard, "soft": soft, "row_err": row_err, "col_err": col_err}
 
-    a = np.asarray(x.detach().cpu() if isinstance(x, Tensor) else x, dtype=np.float64)
-    k = a.shape[-1]
-    if k < 2:
-        raise ValueError("`x` needs at least two seeds along its last axis")
-    m = a.mean(-1)
-    se = a.std(-1, ddof=1) / math.sqrt(k)
-    q = stats.t.ppf(0.5 + level / 2, k - 1)
-    return m, m - q * se, m + q * se
+
+class Replay:
+    """An open-loop schedule that replays a recorded temperature sequence.
+
+    The control for a closed-loop rule: replaying EPH-ASC's own ``ε_t`` without looking at the plans
+    separates *what* temperatures were used from *how* they were chosen.
+
+    Parameters
+    ----------
+    eps : sequence of float, length ``T``
+        ``ε_t`` to use at step ``t``; after the last entry the last value is held.
+
+    Attributes
+    ----------
+    eps : float
+        The temperature to use now (the :class:`SchedulerLike` interface).
+    """
+
+    name = "replay"
+
+    def __init__(self, eps: Sequence[float]):
+        seq = [float(e) for e in (eps.tolist() if isinstance(eps, (Tensor, np.ndarray)) else eps)]
+        if len(seq) == 0:
+            raise ValueError("`eps` must not be empty")
+        if not all(math.isfinite(e) and e > 0 for e in seq):
+            raise ValueError("`eps` must contain positive finite temperatures")
+        self._seq = seq
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the first recorded temperature."""
+        self.t = 0
+        self.eps = self._seq[0]
+
+    def eps_at(self, t: int) -> float:
+        """The recorded ``ε_t`` (the last one for ``t ≥ T``)."""
+        if t < 0:
+            raise ValueError(f"`t` must be nonnegative; got {t}")
+        return self._seq[min(t, len(self._seq) - 1)]
+
+    def step(self, plan: Optional[Tensor] = None, *, cost: Optional[Tensor] = None) -> float:
+        """Ignore the plan; advance to the next recorded temperature and return it."""
+        self.t += 1
+        self.eps = self.eps_at(self.t)
+        return self.eps
+
+    def __repr__(self) -> str:
+        return f"Replay(T={len(self._seq)}, eps={self.eps:.4g}, t={self.t})"
 
 
-def paired_diff_ci(x: Union[Tensor, np.ndarray], y: Union[Tensor, np.ndarray], level: float = 0.95) -> tuple:
-    """Mean and t-interval of the per-seed difference ``x - y`` (paired by seed, last axis)."""
-    a = np.asarray(x.detach().cpu() if isinstance(x, Tensor) else x, dtype=np.float64)
-    b = np.asarray(y.detach().cpu() if isinstance(y, Tensor) else y, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"`x` {a.shape} and `y` {b.shape} must have one shape")
-    return mean_ci(a - b, level)
+# ----------------------------------------------------------------------------------------------
+# scheduler statistics
 
 
 def brake_after_brake(brake: Tensor) -> Tensor:
@@ -494,6 +554,10 @@ class TrainResult:
     final_train_acc : ``(S,)``
     oracle_train_acc, oracle_test_acc : ``(S,)``  accuracy of ``W = A``
     n : int                   plan size
+    readout : dict of ``(S,)`` :func:`plan_readouts` of the layer's own output on the held-out
+        problems with the final features, at the last temperature used (``eps[:, -1]``) and the
+        training ``n_iter``: ``"hard"`` (row-argmax accuracy), ``"soft"`` (mass at the true pairs),
+        ``"row_err"``, ``"col_err"`` (marginal errors of the plan)
     """
 
     seeds: List[int]
@@ -510,6 +574,7 @@ class TrainResult:
     oracle_train_acc: Tensor
     oracle_test_acc: Tensor
     n: int
+    readout: Dict[str, Tensor] = field(default_factory=dict, repr=False)
     extra: Dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -524,18 +589,27 @@ class TrainResult:
             raise ValueError(f"`on` must be 'train' or 'test'; got {on!r}")
         return acc_at(self.collapse_epoch, self.train_acc if on == "train" else self.test_acc)
 
-    def premature(self, margin: float = 0.1, on: str = "test", reference: str = "oracle") -> Tensor:
+    def premature(self, margin: float = 0.1, on: str = "test",
+                  reference: Union[str, Tensor] = "oracle") -> Tensor:
         """``(S,)`` :func:`premature_collapse`.
 
         ``on="train"`` is D8 to the letter: the collapsed training plan disagrees with the true
         assignment of its own problems. ``on="test"`` asks whether the *features* had matured: the
         held-out accuracy at the collapse epoch. ``reference`` is the oracle accuracy ``acc(W = A)``
-        on the same problems (``"oracle"``) or the run's own final accuracy (``"final"``).
+        on the same problems (``"oracle"``), the run's own final accuracy (``"final"``), or a tensor
+        ``(S,)`` given per seed, e.g. the same seed's final accuracy without annealing (a
+        *budget-aware* reference: what the budget allows without collapse).
         """
         if on not in ("train", "test"):
             raise ValueError(f"`on` must be 'train' or 'test'; got {on!r}")
+        trace = self.train_acc if on == "train" else self.test_acc
+        if isinstance(reference, Tensor):
+            if reference.shape != self.final_test_acc.shape:
+                raise ValueError(f"`reference` must have shape {tuple(self.final_test_acc.shape)}; "
+                                 f"got {tuple(reference.shape)}")
+            return premature_collapse(self.collapse_epoch, trace, reference.to(torch.float64), margin)
         if reference not in ("oracle", "final"):
-            raise ValueError(f"`reference` must be 'oracle' or 'final'; got {reference!r}")
+            raise ValueError(f"`reference` must be 'oracle', 'final' or a tensor; got {reference!r}")
         if on == "train":
             ref = self.oracle_train_acc if reference == "oracle" else self.final_train_acc
             trace = self.train_acc
@@ -620,6 +694,12 @@ def _run_batched(config: TaskConfig, scheds: List[SchedulerLike], data: Permutat
         out["oracle_train_acc"] = assignment_accuracy(hungarian(matching_cost(X, Y, A)), perm).cpu()
         out["oracle_test_acc"] = assignment_accuracy(hungarian(matching_cost(Xt, Yt, A)), pt).cpu()
         out["W"] = W.detach().cpu()
+        eps_last = torch.as_tensor(tr["eps"][:, -1], dtype=config.dtype, device=X.device)
+        Ct = matching_cost(Xt, Yt, W.detach())
+        Pt = project_dsm(-Ct / eps_last[:, None, None, None], tau=1.0, n_iter=config.n_iter, grad="none",
+                         check_inputs=False).plan
+        for k, v in plan_readouts(Pt, pt).items():
+            out["readout_" + k] = v.cpu()
     br = np.zeros((R, T), dtype=bool)
     dr = np.full((R, T), np.nan)
     for r, s in enumerate(scheds):
@@ -636,9 +716,10 @@ def train_many(config: TaskConfig, schedulers: Mapping[str, SchedulerLike],
     Parameters
     ----------
     config : TaskConfig
-    schedulers : mapping name -> scheduler
+    schedulers : mapping name -> scheduler, or name -> list of schedulers (one per seed)
         Prototypes: each run gets ``copy.deepcopy(prototype)`` followed by ``reset()``, so the
-        prototypes are not modified. A scheduler exposes ``eps`` (the ε to use now) and
+        prototypes are not modified. A list gives seed ``k`` its own prototype ``list[k]`` (e.g.
+        :class:`Replay` of that seed's recorded temperatures). A scheduler exposes ``eps`` (the ε to use now) and
         ``step(plan, *, cost=None) -> next eps`` (:class:`SchedulerLike`); ``plan`` is the detached
         training plan ``(batch, N, N)`` with unit row and column sums and ``cost`` the matching cost
         ``C`` of the same shape (the plan is ``project_dsm(-C/ε)``, i.e. ``sinkhorn(C, ε)`` with
@@ -660,11 +741,17 @@ def train_many(config: TaskConfig, schedulers: Mapping[str, SchedulerLike],
     scheds: List[SchedulerLike] = []
     seed_index: List[int] = []
     for name in names:
-        proto = schedulers[name]
-        if not (hasattr(proto, "eps") and callable(getattr(proto, "step", None))):
-            raise ValueError(f"scheduler {name!r} must have an `eps` attribute and a `step` method")
+        protos = schedulers[name]
+        if isinstance(protos, (list, tuple)):
+            if len(protos) != len(seeds):
+                raise ValueError(f"scheduler list {name!r} has {len(protos)} entries for {len(seeds)} seeds")
+        else:
+            protos = [protos] * len(seeds)
+        for proto in protos:
+            if not (hasattr(proto, "eps") and callable(getattr(proto, "step", None))):
+                raise ValueError(f"scheduler {name!r} must have an `eps` attribute and a `step` method")
         for k in range(len(seeds)):
-            s = copy.deepcopy(proto)
+            s = copy.deepcopy(protos[k])
             if callable(getattr(s, "reset", None)):
                 s.reset()
             scheds.append(s)
@@ -688,6 +775,7 @@ def train_many(config: TaskConfig, schedulers: Mapping[str, SchedulerLike],
             brake=out["brake"][sl], drift=out["drift"][sl], final_test_acc=out["final_test_acc"][sl],
             final_train_acc=out["final_train_acc"][sl], oracle_train_acc=out["oracle_train_acc"][sl],
             oracle_test_acc=out["oracle_test_acc"][sl], n=config.n,
+            readout={k[8:]: out[k][sl] for k in out if k.startswith("readout_")},
             extra={"W": out["W"][sl], "schedulers": scheds[sl]},
         )
     return results
