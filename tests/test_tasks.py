@@ -292,3 +292,12 @@ def test_eph_asc_alternates_on_fixed_cost():
     br = torch.as_tensor(run.brake)
     assert int(br.sum()) > 0
     assert float(tk.brake_after_brake(br)) == 0.0
+
+
+def test_row_argmax_ignores_round_off_ties():
+    P = torch.tensor([[1.0, 1.0 - 1e-15, 0.0], [0.0, 1.0 - 1e-15, 1.0]], dtype=F64)
+    assert tk.row_argmax(P).tolist() == [0, 1]  # the first of the tied entries
+    Q = torch.tensor([[0.2, 0.7, 0.1]], dtype=F64)
+    assert tk.row_argmax(Q).tolist() == [1]
+    with pytest.raises(ValueError, match="rtol"):
+        tk.row_argmax(Q, rtol=1.5)

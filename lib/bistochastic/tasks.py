@@ -77,6 +77,7 @@ __all__ = [
     "train",
     "train_many",
     "plan_readouts",
+    "row_argmax",
     "Replay",
     "brake_after_brake",
 ]
@@ -408,6 +409,28 @@ def acc_at(t: Tensor, trace: Tensor) -> Tensor:
 __all__.append("acc_at")
 
 
+def row_argmax(plan: Tensor, rtol: float = 1e-9) -> Tensor:
+    """Row-wise argmax that does not depend on round-off: the first column whose entry is within
+    a relative ``rtol`` of the row maximum.
+
+    Parameters
+    ----------
+    plan : Tensor ``(..., N, M)``, nonnegative
+    rtol : float in [0, 1)
+
+    Returns
+    -------
+    LongTensor ``(..., N)``
+    """
+    if not (0.0 <= rtol < 1.0):
+        raise ValueError(f"`rtol` must lie in [0, 1); got {rtol!r}")
+    if not isinstance(plan, Tensor) or plan.dim() < 2:
+        raise ValueError("`plan` must be a tensor of shape (..., N, M)")
+    m = plan.amax(-1, keepdim=True)
+    near = (plan >= m * (1.0 - rtol)).to(torch.int8)
+    return near.argmax(-1)  # torch returns the first maximal index
+
+
 def plan_readouts(plan: Tensor, perm: Tensor) -> Dict[str, Tensor]:
     """Three ways to score a plan against the true assignment, and how far it is from a plan.
 
@@ -422,7 +445,10 @@ def plan_readouts(plan: Tensor, perm: Tensor) -> Dict[str, Tensor]:
     -------
     dict of Tensor ``(...)`` (float64)
         ``"hard"``: fraction of rows whose largest entry is at the true column (row-argmax of the
-        plan, the layer's own hard output; not forced to be a permutation);
+        plan, the layer's own hard output; not forced to be a permutation). Entries within a
+        relative ``1e-9`` of the row maximum count as tied and the first of them is taken: an
+        unconverged plan at small ``ε`` can hold several entries equal to one up to round-off,
+        and the read-out must not depend on the last bit (:func:`row_argmax`);
         ``"soft"``: mean mass ``P_{i,π(i)}`` at the true pairs (rows normalised to sum to one);
         ``"row_err"``: largest ``|Σ_j P_ij − 1|`` over rows, averaged over the problems ``B``;
         ``"col_err"``: the same for the column sums.
@@ -435,7 +461,7 @@ def plan_readouts(plan: Tensor, perm: Tensor) -> Dict[str, Tensor]:
     P = plan.detach().to(torch.float64)
     rows = P.sum(-1)
     cols = P.sum(-2)
-    hard = assignment_accuracy(P.argmax(-1), perm)
+    hard = assignment_accuracy(row_argmax(P), perm)
     Pn = P / rows[..., None].clamp_min(torch.finfo(P.dtype).tiny)
     soft = torch.gather(Pn, -1, perm[..., None])[..., 0].mean(dim=(-1, -2))
     row_err = (rows - 1.0).abs().amax(-1).mean(-1)
@@ -797,3 +823,277 @@ def train(config: TaskConfig, scheduler: SchedulerLike, seed: Union[int, Sequenc
         Traces of shape ``(S, epochs)``.
     """
     return train_many(config, {"run": scheduler}, seed)["run"]
+
+
+# ----------------------------------------------------------------------------------------------
+# a task that needs annealing: learning to sort noisy keys, minibatch training
+
+
+@dataclass(frozen=True)
+class SortingConfig:
+    """Sizes and optimiser settings of the noisy-key sorting task (:func:`train_sorting_many`).
+
+    A problem is ``N`` items with hidden keys ``v_i ~ N(0, 1)``. Each item is seen only through a
+    feature vector ``x_i = v_i·u + σ·ξ_i + ν_i`` (``u`` a hidden unit direction of the
+    replication, ``ξ_i`` isotropic noise, ``ν_i`` nuisance noise of scale ``nuisance`` in the
+    directions orthogonal to ``u``). The model scores items by ``s_i = ⟨w, x_i⟩`` with a learned
+    ``w ∈ R^d``, standardises the scores within the problem (zero mean, unit variance: the layer
+    cannot sharpen its plan by growing ``w``, so the temperature alone sets the sharpness) and
+    matches them to standardised ranks ``r_j`` by the cost ``C_ij = −s_i r_j``. The head is
+    ``n_iter`` cold log-domain Sinkhorn sweeps at temperature ``ε``; the target is the rank
+    permutation of the true keys, and the loss is ``−mean_i log P_{i,rank(i)}``.
+
+    Attributes
+    ----------
+    n, d : int
+        Items per problem and feature dimension.
+    batch : int
+        Fresh problems per training step (minibatch; a new batch every step).
+    probe_batch : int
+        Problems of the fixed probe batch on which closed-loop rules measure their drift.
+    test_batch : int
+        Held-out problems.
+    sigma : float
+        Key noise ``σ`` along every direction.
+    nuisance : float
+        Scale of the nuisance noise orthogonal to ``u``.
+    steps : int
+        Training steps.
+    lr : float
+        Adam learning rate.
+    n_iter : int
+        Sinkhorn sweeps of the head.
+    dtype, device, cpu_threads : as :class:`TaskConfig`.
+    """
+
+    n: int = 16
+    d: int = 8
+    batch: int = 32
+    probe_batch: int = 16
+    test_batch: int = 256
+    sigma: float = 0.05
+    nuisance: float = 1.0
+    steps: int = 200
+    lr: float = 0.05
+    n_iter: int = 20
+    dtype: torch.dtype = torch.float64
+    device: str = "cpu"
+    cpu_threads: Optional[int] = 1
+
+    def __post_init__(self) -> None:
+        for name in ("n", "d", "batch", "probe_batch", "test_batch", "steps", "n_iter"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"`{name}` must be a positive integer; got {v!r}")
+        if self.n < 2 or self.d < 2:
+            raise ValueError(f"`n` and `d` must be at least 2; got {self.n}, {self.d}")
+        for name in ("sigma", "nuisance", "lr"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"`{name}` must be a nonnegative finite number; got {v!r}")
+        if self.lr <= 0:
+            raise ValueError(f"`lr` must be positive; got {self.lr!r}")
+        if self.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"`dtype` must be torch.float32 or torch.float64; got {self.dtype}")
+
+
+def _sorting_problems(u: Tensor, count: int, cfg: SortingConfig, g: torch.Generator) -> tuple:
+    n, d = cfg.n, u.shape[-1]
+    v = torch.randn(count, n, generator=g, dtype=u.dtype)
+    xi = torch.randn(count, n, d, generator=g, dtype=u.dtype)
+    nu = torch.randn(count, n, d, generator=g, dtype=u.dtype)
+    nu = nu - (nu @ u)[..., None] * u  # orthogonal to u
+    X = v[..., None] * u + cfg.sigma * xi + cfg.nuisance * nu
+    rank = torch.argsort(torch.argsort(v, dim=-1), dim=-1)  # rank[i]: position of item i
+    return X, rank
+
+
+def _std(x: Tensor) -> Tensor:
+    x = x - x.mean(-1, keepdim=True)
+    return x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def sorting_cost(X: Tensor, w: Tensor) -> Tensor:
+    """The sorting head's cost ``C_ij = −s_i r_j`` with standardised scores and ranks.
+
+    Parameters
+    ----------
+    X : Tensor ``(..., B, N, d)``
+    w : Tensor ``(..., d)``
+        Broadcast over the problem dim ``B``.
+
+    Returns
+    -------
+    Tensor ``(..., B, N, N)``
+    """
+    if X.shape[-1] != w.shape[-1]:
+        raise ValueError(f"`X` {tuple(X.shape)} and `w` {tuple(w.shape)} disagree on d")
+    s = _std((X @ w[..., None, :, None])[..., 0])
+    n = X.shape[-2]
+    r = _std(torch.arange(n, dtype=X.dtype, device=X.device))
+    return -s[..., :, None] * r
+
+
+@dataclass
+class SortingResult:
+    """Traces and final read-outs of one scheduler over ``S`` seeds (CPU float64).
+
+    Attributes
+    ----------
+    seeds : list of int
+    eps : ``(S, T)``           temperature used at each step
+    loss : ``(S, T)``          training loss
+    brake : ``(S, T)`` bool    the scheduler held ε (from its ``history``, else False)
+    exact_argsort : ``(S,)``   fraction of held-out problems sorted exactly by the scores'
+                               argsort (the ε-free read-out, the analogue of Hungarian)
+    exact_hard : ``(S,)``      fraction sorted exactly by the row-argmax of the plan at the last
+                               temperature (the layer's own hard output)
+    readout : dict of ``(S,)`` :func:`plan_readouts` of the held-out plan (``hard``: fraction of
+                               rows right; ``soft``; ``row_err``; ``col_err``)
+    w : ``(S, d)``             final weights
+    """
+
+    seeds: List[int]
+    eps: Tensor
+    loss: Tensor
+    brake: Tensor
+    exact_argsort: Tensor
+    exact_hard: Tensor
+    readout: Dict[str, Tensor]
+    w: Tensor
+
+
+def train_sorting_many(config: SortingConfig, schedulers: Mapping[str, Any],
+                       seeds: Union[int, Sequence[int]],
+                       feed: Optional[Mapping[str, str]] = None) -> Dict[str, SortingResult]:
+    """Train the sorting model under several schedulers × seeds, batched, with minibatches.
+
+    Every step draws a fresh minibatch (the same one for every scheduler of a seed: paired). Each
+    scheduler then gets ``sched.step(plan)`` with the plan computed at ``sched.eps`` on a
+    **fixed probe batch** (no gradient; ``feed[name] = "probe"``, the default), so that
+    closed-loop rules see the drift of the model, not the change of data; or, with
+    ``feed[name] = "train"``, the detached plan of the training minibatch (the released usage,
+    which compares plans of different samples).
+
+    Parameters
+    ----------
+    config : SortingConfig
+    schedulers : mapping name -> scheduler or list of per-seed schedulers (as :func:`train_many`)
+    seeds : int or sequence of int
+    feed : mapping name -> {"probe", "train"}, optional
+
+    Returns
+    -------
+    dict name -> SortingResult
+    """
+    if not isinstance(schedulers, Mapping) or len(schedulers) == 0:
+        raise ValueError("`schedulers` must be a non-empty mapping name -> scheduler")
+    feed = dict(feed or {})
+    for k, v in feed.items():
+        if k not in schedulers or v not in ("probe", "train"):
+            raise ValueError(f"`feed` entries must name a scheduler and be 'probe' or 'train'; "
+                             f"got {k!r}: {v!r}")
+    if isinstance(seeds, (int, np.integer)):
+        seeds = [int(seeds)]
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("`seeds` must not be empty")
+    cfg, S, n, d = config, len(seeds), config.n, config.d
+    dev, dt = torch.device(cfg.device), cfg.dtype
+    # per seed: direction u, initial w, probe and test problems (CPU generators)
+    us, w0s, probe, test = [], [], [], []
+    for s in seeds:
+        g = torch.Generator().manual_seed(s)
+        u = torch.randn(d, generator=g, dtype=dt)
+        u = u / u.norm()
+        us.append(u)
+        w0s.append(torch.randn(d, generator=g, dtype=dt) / math.sqrt(d))
+        probe.append(_sorting_problems(u, cfg.probe_batch, cfg, g))
+        test.append(_sorting_problems(u, cfg.test_batch, cfg, g))
+    names = list(schedulers)
+    scheds, seed_idx, modes = [], [], []
+    for name in names:
+        protos = schedulers[name]
+        if isinstance(protos, (list, tuple)):
+            if len(protos) != S:
+                raise ValueError(f"scheduler list {name!r} has {len(protos)} entries for {S} seeds")
+        else:
+            protos = [protos] * S
+        for k in range(S):
+            if not (hasattr(protos[k], "eps") and callable(getattr(protos[k], "step", None))):
+                raise ValueError(f"scheduler {name!r} must have an `eps` attribute and a `step` method")
+            sc = copy.deepcopy(protos[k])
+            if callable(getattr(sc, "reset", None)):
+                sc.reset()
+            scheds.append(sc)
+            seed_idx.append(k)
+            modes.append(feed.get(name, "probe"))
+    R, T = len(scheds), cfg.steps
+    idx = torch.tensor(seed_idx)
+    U = torch.stack(us).to(dev)
+    Xp = torch.stack([p[0] for p in probe]).to(dev)[idx]
+    Xt = torch.stack([t[0] for t in test]).to(dev)[idx]
+    rank_t = torch.stack([t[1] for t in test]).to(dev)[idx]
+    w = torch.nn.Parameter(torch.stack(w0s).to(dev)[idx].clone())
+    opt = torch.optim.Adam([w], lr=cfg.lr)
+    gens = [torch.Generator().manual_seed(10_000_019 * (s + 1)) for s in seeds]
+    eps_tr = np.zeros((R, T))
+    loss_tr = np.zeros((R, T))
+    threads = torch.get_num_threads()
+    if dev.type == "cpu" and cfg.cpu_threads is not None:
+        torch.set_num_threads(cfg.cpu_threads)
+    try:
+        for t in range(T):
+            batch = [_sorting_problems(U[k].cpu(), cfg.batch, cfg, gens[k]) for k in range(S)]
+            X = torch.stack([b[0] for b in batch]).to(dev)[idx]
+            rank = torch.stack([b[1] for b in batch]).to(dev)[idx]
+            eps = torch.tensor([float(sc.eps) for sc in scheds], dtype=dt, device=dev)
+            if not bool((eps > 0).all()) or not bool(torch.isfinite(eps).all()):
+                raise ValueError("a scheduler returned a non-positive or non-finite eps")
+            C = sorting_cost(X, w)
+            res = project_dsm(-C / eps[:, None, None, None], tau=1.0, n_iter=cfg.n_iter,
+                              grad="unroll", check_inputs=False)
+            logp = (res.f + torch.gather(res.g, -1, rank)
+                    - torch.gather(C, -1, rank[..., None])[..., 0] / eps[:, None, None])
+            loss_r = -logp.mean(dim=(-1, -2))
+            opt.zero_grad(set_to_none=True)
+            loss_r.sum().backward()
+            opt.step()
+            eps_tr[:, t] = eps.cpu().numpy()
+            loss_tr[:, t] = loss_r.detach().cpu().numpy()
+            with torch.no_grad():
+                Cp = sorting_cost(Xp, w.detach())
+                Pp = project_dsm(-Cp / eps[:, None, None, None], tau=1.0, n_iter=cfg.n_iter,
+                                 grad="none", check_inputs=False).plan
+                Ptr = res.plan.detach()
+            for r, sc in enumerate(scheds):
+                sc.step(Pp[r] if modes[r] == "probe" else Ptr[r])
+    finally:
+        if dev.type == "cpu" and cfg.cpu_threads is not None:
+            torch.set_num_threads(threads)
+    with torch.no_grad():
+        wd = w.detach()
+        Ct = sorting_cost(Xt, wd)
+        eps_last = torch.as_tensor(eps_tr[:, -1], dtype=dt, device=dev)
+        Pt = project_dsm(-Ct / eps_last[:, None, None, None], tau=1.0, n_iter=cfg.n_iter,
+                         grad="none", check_inputs=False).plan
+        ro = {k: v.cpu() for k, v in plan_readouts(Pt, rank_t).items()}
+        s_score = (Xt @ wd[:, None, :, None])[..., 0]
+        pos = torch.argsort(torch.argsort(s_score, dim=-1), dim=-1)
+        exact_argsort = (pos == rank_t).all(-1).double().mean(-1).cpu()
+        exact_hard = (row_argmax(Pt) == rank_t).all(-1).double().mean(-1).cpu()
+    brake = np.zeros((R, T), dtype=bool)
+    for r, sc in enumerate(scheds):
+        brake[r] = _brake_flags(sc, T)[0]
+    out: Dict[str, SortingResult] = {}
+    for j, name in enumerate(names):
+        sl = slice(j * S, (j + 1) * S)
+        out[name] = SortingResult(
+            seeds=list(seeds), eps=torch.from_numpy(eps_tr[sl]), loss=torch.from_numpy(loss_tr[sl]),
+            brake=torch.from_numpy(brake[sl]), exact_argsort=exact_argsort[sl],
+            exact_hard=exact_hard[sl], readout={k: v[sl] for k, v in ro.items()},
+            w=wd[sl].cpu())
+    return out
+
+
+__all__ += ["SortingConfig", "SortingResult", "sorting_cost", "train_sorting_many"]
