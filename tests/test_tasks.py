@@ -301,3 +301,40 @@ def test_row_argmax_ignores_round_off_ties():
     assert tk.row_argmax(Q).tolist() == [1]
     with pytest.raises(ValueError, match="rtol"):
         tk.row_argmax(Q, rtol=1.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# sorting task
+
+SORT = tk.SortingConfig(n=6, d=3, batch=4, probe_batch=4, test_batch=16, sigma=0.01, nuisance=1.0,
+                        steps=30, lr=0.05, n_iter=20)
+
+
+def test_sorting_oracle_sorts_noiseless_keys():
+    cfg0 = tk.SortingConfig(n=8, d=3, sigma=0.0, nuisance=0.0)
+    g = torch.Generator().manual_seed(0)
+    u = torch.tensor([1.0, 0.0, 0.0], dtype=F64)
+    X, rank = tk._sorting_problems(u, 5, cfg0, g)
+    C = tk.sorting_cost(X, u)
+    assert C.shape == (5, 8, 8)
+    # the cost -s_i r_j is minimised by the sorted assignment (rearrangement inequality)
+    assert torch.equal(tk.hungarian(C), rank)
+    with pytest.raises(ValueError, match="d"):
+        tk.sorting_cost(X, torch.ones(2, dtype=F64))
+
+
+def test_sorting_probe_lets_eph_asc_cool_where_minibatch_drift_does_not():
+    sch = {"probe": an.EPHASC(1.0, 0.9, 0.05, 0.1), "train": an.EPHASC(1.0, 0.9, 0.05, 0.1)}
+    r = tk.train_sorting_many(SORT, sch, [0, 1], feed={"train": "train"})
+    # fresh minibatches: the plan drift is the change of data, the rule brakes almost always
+    assert float(r["train"].brake.double().mean()) > 0.5
+    assert float(r["probe"].eps[:, -1].max()) < float(r["train"].eps[:, -1].min())
+    with pytest.raises(ValueError, match="feed"):
+        tk.train_sorting_many(SORT, sch, [0], feed={"other": "probe"})
+
+
+def test_sorting_deterministic_and_paired():
+    sch = {"a": an.Exponential(1.0, 0.9, 0.05)}
+    r1 = tk.train_sorting_many(SORT, sch, [3])["a"]
+    r2 = tk.train_sorting_many(SORT, {**sch, "b": an.Constant(0.3)}, [3])["a"]
+    assert torch.equal(r1.w, r2.w) and torch.equal(r1.exact_hard, r2.exact_hard)

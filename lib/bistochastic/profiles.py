@@ -129,6 +129,16 @@ TABLE: Dict[str, Dict[str, Dict[str, Any]]] = {
                  "paper": {"n": 10, "epochs": 50, "k": 0.5, "seeds": 30}, "n_solver_eps": 49,
                  "converged_iter": 20000},
     },
+    "14b_annealing_task": {
+        "ci": {"n": 16, "d": 8, "batch": 8, "probe_batch": 8, "test_batch": 64, "sigma": 0.01,
+               "nuisance": 1.0, "steps": 100, "lr": 0.05, "n_iter": 50, "seeds": 5,
+               "eps0": 1.0, "eps_min": 0.05, "alpha": 0.95, "t_floor": 80, "k": 0.1,
+               "ks": (0.05, 0.2, 0.4, 0.8), "tost_margin": 0.05},
+        "full": {"n": 32, "d": 16, "batch": 64, "probe_batch": 32, "test_batch": 512,
+                 "sigma": 0.01, "nuisance": 1.0, "steps": 600, "lr": 0.05, "n_iter": 50,
+                 "seeds": 20, "eps0": 1.0, "eps_min": 0.05, "alpha": 0.99, "t_floor": 480,
+                 "k": 0.1, "ks": (0.025, 0.05, 0.2, 0.4, 0.8, 1.6), "tost_margin": 0.05},
+    },
 }
 
 

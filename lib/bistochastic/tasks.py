@@ -841,7 +841,8 @@ class SortingConfig:
     cannot sharpen its plan by growing ``w``, so the temperature alone sets the sharpness) and
     matches them to standardised ranks ``r_j`` by the cost ``C_ij = −s_i r_j``. The head is
     ``n_iter`` cold log-domain Sinkhorn sweeps at temperature ``ε``; the target is the rank
-    permutation of the true keys, and the loss is ``−mean_i log P_{i,rank(i)}``.
+    permutation of the true keys, and the loss is ``"nll"``, ``−mean_i log P_{i,rank(i)}``, or
+    ``"mse"``, ``‖P − Π‖_F² / N`` (a loss that saturates once the plan is hard).
 
     Attributes
     ----------
@@ -863,6 +864,7 @@ class SortingConfig:
         Adam learning rate.
     n_iter : int
         Sinkhorn sweeps of the head.
+    loss : {"nll", "mse"}
     dtype, device, cpu_threads : as :class:`TaskConfig`.
     """
 
@@ -876,11 +878,14 @@ class SortingConfig:
     steps: int = 200
     lr: float = 0.05
     n_iter: int = 20
+    loss: str = "nll"
     dtype: torch.dtype = torch.float64
     device: str = "cpu"
     cpu_threads: Optional[int] = 1
 
     def __post_init__(self) -> None:
+        if self.loss not in ("nll", "mse"):
+            raise ValueError(f"`loss` must be 'nll' or 'mse'; got {self.loss!r}")
         for name in ("n", "d", "batch", "probe_batch", "test_batch", "steps", "n_iter"):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or v < 1:
@@ -1053,9 +1058,13 @@ def train_sorting_many(config: SortingConfig, schedulers: Mapping[str, Any],
             C = sorting_cost(X, w)
             res = project_dsm(-C / eps[:, None, None, None], tau=1.0, n_iter=cfg.n_iter,
                               grad="unroll", check_inputs=False)
-            logp = (res.f + torch.gather(res.g, -1, rank)
-                    - torch.gather(C, -1, rank[..., None])[..., 0] / eps[:, None, None])
-            loss_r = -logp.mean(dim=(-1, -2))
+            if cfg.loss == "nll":
+                logp = (res.f + torch.gather(res.g, -1, rank)
+                        - torch.gather(C, -1, rank[..., None])[..., 0] / eps[:, None, None])
+                loss_r = -logp.mean(dim=(-1, -2))
+            else:
+                target = torch.nn.functional.one_hot(rank, n).to(dt)
+                loss_r = ((res.plan - target) ** 2).sum(dim=(-1, -2)).mean(-1) / n
             opt.zero_grad(set_to_none=True)
             loss_r.sum().backward()
             opt.step()
