@@ -337,7 +337,7 @@ def row_entropy(plan: Tensor) -> Tensor:
 
 
 def collapse_epoch(entropy: Tensor, n: int, frac: float = 0.1) -> Tensor:
-    """First epoch at which the mean row entropy falls below ``frac · log n`` (D8's threshold).
+    """First epoch at which the mean row entropy falls below ``frac · log n`` (the collapse threshold).
 
     Parameters
     ----------
@@ -367,7 +367,8 @@ def collapse_epoch(entropy: Tensor, n: int, frac: float = 0.1) -> Tensor:
 
 
 def premature_collapse(t_collapse: Tensor, acc: Tensor, reference: Tensor, margin: float = 0.1) -> Tensor:
-    """D8, made operational: the plan collapsed while its assignment was still clearly wrong.
+    """Premature mode collapse, made operational: the plan collapsed while its assignment was still
+    clearly wrong.
 
     A run *collapses* at epoch ``t_c`` = :func:`collapse_epoch` (mean row entropy below
     ``0.1·log N``). The collapse is **premature** when, at ``t_c``, the model's assignment (Hungarian
@@ -527,7 +528,7 @@ def brake_after_brake(brake: Tensor) -> Tensor:
 
     After a hold, ``ε`` is unchanged, so the next drift ``‖P_{t+1} − P_t‖`` comes from the cost alone.
     On a fixed cost that drift is exactly zero (cold start, same ``ε``, same cost), so EPH-ASC never
-    holds twice in a row (strict alternation, notes §5.3) and this fraction is 0. In training it
+    holds twice in a row (strict alternation, Chapter 13) and this fraction is 0. In training it
     measures how often the *cost* drift by itself exceeds ``k_safe·ε``.
 
     Parameters
@@ -619,7 +620,7 @@ class TrainResult:
                   reference: Union[str, Tensor] = "oracle") -> Tensor:
         """``(S,)`` :func:`premature_collapse`.
 
-        ``on="train"`` is D8 to the letter: the collapsed training plan disagrees with the true
+        ``on="train"`` is the paper's description to the letter: the collapsed training plan disagrees with the true
         assignment of its own problems. ``on="test"`` asks whether the *features* had matured: the
         held-out accuracy at the collapse epoch. ``reference`` is the oracle accuracy ``acc(W = A)``
         on the same problems (``"oracle"``), the run's own final accuracy (``"final"``), or a tensor
