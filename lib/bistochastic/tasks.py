@@ -1,7 +1,7 @@
 """A synthetic permutation-learning task with a Sinkhorn matching head, for annealing experiments.
 
-The task (recipe 6 of the premature-collapse notes, made learnable)
--------------------------------------------------------------------
+The task (a learnable version of the paper's matching setting)
+--------------------------------------------------------------
 One *replication* (one seed) draws a hidden linear distortion ``A ∈ R^{d×d}`` shared by all its
 problems. A *problem* is a pair of point sets: ``X ∈ R^{N×d}`` with i.i.d. standard normal entries, a
 uniformly random permutation ``π`` and
@@ -34,15 +34,19 @@ Evaluation
 ----------
 * :func:`hungarian`: the optimal assignment (``scipy.optimize.linear_sum_assignment``) of a batch of
   costs, with an exact fast path when the row-wise argmin is already a permutation.
-* The model's assignment is the Hungarian assignment of its cost, i.e. the ``ε → 0`` (MAP) read-out
-  of the Sinkhorn head. It does not depend on ``ε``, so accuracy measures the learned features
-  ``W`` alone; the plan's sharpness is measured separately by its row entropy.
+* Three read-outs of the final model (:func:`plan_readouts`, :attr:`TrainResult.readout`):
+  the Hungarian assignment of its cost (the ``ε → 0`` MAP read-out: it measures the learned
+  features ``W`` alone and does not depend on ``ε``); the layer's own hard output, the row-argmax of
+  the ``K``-sweep plan at the last training temperature; and the soft accuracy, the plan's mean mass
+  at the true pairs. The plan's marginal errors are reported with them: ``K`` cold sweeps at small
+  ``ε`` do not give a doubly-stochastic plan.
 * :func:`row_entropy`, :func:`collapse_epoch`, :func:`premature_collapse` (definitions there).
 
 Everything is deterministic for a seed: random numbers are drawn from seeded CPU generators and then
 moved to the device. :func:`train_many` runs several schedulers × several seeds as one batched
 tensor program (one Adam over a parameter of shape ``(runs, d, d)``; Adam is elementwise, so the runs
-do not interact).
+do not interact). :class:`Replay` replays a recorded temperature sequence (the open-loop control
+of a closed-loop rule).
 """
 
 from __future__ import annotations
@@ -72,8 +76,9 @@ __all__ = [
     "premature_collapse",
     "train",
     "train_many",
-    "mean_ci",
-    "paired_diff_ci",
+    "plan_readouts",
+    "row_argmax",
+    "Replay",
     "brake_after_brake",
 ]
 
@@ -332,7 +337,7 @@ def row_entropy(plan: Tensor) -> Tensor:
 
 
 def collapse_epoch(entropy: Tensor, n: int, frac: float = 0.1) -> Tensor:
-    """First epoch at which the mean row entropy falls below ``frac · log n`` (D8's threshold).
+    """First epoch at which the mean row entropy falls below ``frac · log n`` (the collapse threshold).
 
     Parameters
     ----------
@@ -362,7 +367,8 @@ def collapse_epoch(entropy: Tensor, n: int, frac: float = 0.1) -> Tensor:
 
 
 def premature_collapse(t_collapse: Tensor, acc: Tensor, reference: Tensor, margin: float = 0.1) -> Tensor:
-    """D8, made operational: the plan collapsed while its assignment was still clearly wrong.
+    """Premature mode collapse, made operational: the plan collapsed while its assignment was still
+    clearly wrong.
 
     A run *collapses* at epoch ``t_c`` = :func:`collapse_epoch` (mean row entropy below
     ``0.1·log N``). The collapse is **premature** when, at ``t_c``, the model's assignment (Hungarian
@@ -404,36 +410,117 @@ def acc_at(t: Tensor, trace: Tensor) -> Tensor:
 __all__.append("acc_at")
 
 
-# ----------------------------------------------------------------------------------------------
-# statistics over seeds
+def row_argmax(plan: Tensor, rtol: float = 1e-9) -> Tensor:
+    """Row-wise argmax that does not depend on round-off: the first column whose entry is within
+    a relative ``rtol`` of the row maximum.
 
-
-def mean_ci(x: Union[Tensor, np.ndarray], level: float = 0.95) -> tuple:
-    """Mean and Student-t confidence interval over the last axis (the seeds).
+    Parameters
+    ----------
+    plan : Tensor ``(..., N, M)``, nonnegative
+    rtol : float in [0, 1)
 
     Returns
     -------
-    (mean, lo, hi) as numpy arrays of shape ``x.shape[:-1]``.
+    LongTensor ``(..., N)``
     """
-    from scipy import stats
-
-    a = np.asarray(x.detach().cpu() if isinstance(x, Tensor) else x, dtype=np.float64)
-    k = a.shape[-1]
-    if k < 2:
-        raise ValueError("`x` needs at least two seeds along its last axis")
-    m = a.mean(-1)
-    se = a.std(-1, ddof=1) / math.sqrt(k)
-    q = stats.t.ppf(0.5 + level / 2, k - 1)
-    return m, m - q * se, m + q * se
+    if not (0.0 <= rtol < 1.0):
+        raise ValueError(f"`rtol` must lie in [0, 1); got {rtol!r}")
+    if not isinstance(plan, Tensor) or plan.dim() < 2:
+        raise ValueError("`plan` must be a tensor of shape (..., N, M)")
+    m = plan.amax(-1, keepdim=True)
+    near = (plan >= m * (1.0 - rtol)).to(torch.int8)
+    return near.argmax(-1)  # torch returns the first maximal index
 
 
-def paired_diff_ci(x: Union[Tensor, np.ndarray], y: Union[Tensor, np.ndarray], level: float = 0.95) -> tuple:
-    """Mean and t-interval of the per-seed difference ``x - y`` (paired by seed, last axis)."""
-    a = np.asarray(x.detach().cpu() if isinstance(x, Tensor) else x, dtype=np.float64)
-    b = np.asarray(y.detach().cpu() if isinstance(y, Tensor) else y, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"`x` {a.shape} and `y` {b.shape} must have one shape")
-    return mean_ci(a - b, level)
+def plan_readouts(plan: Tensor, perm: Tensor) -> Dict[str, Tensor]:
+    """Three ways to score a plan against the true assignment, and how far it is from a plan.
+
+    Parameters
+    ----------
+    plan : Tensor ``(..., B, N, N)``, nonnegative
+        The layer's output (unit row and column sums if the solver converged).
+    perm : LongTensor ``(..., B, N)``
+        True assignment ``π``: row ``i`` matches column ``π(i)``.
+
+    Returns
+    -------
+    dict of Tensor ``(...)`` (float64)
+        ``"hard"``: fraction of rows whose largest entry is at the true column (row-argmax of the
+        plan, the layer's own hard output; not forced to be a permutation). Entries within a
+        relative ``1e-9`` of the row maximum count as tied and the first of them is taken: an
+        unconverged plan at small ``ε`` can hold several entries equal to one up to round-off,
+        and the read-out must not depend on the last bit (:func:`row_argmax`);
+        ``"soft"``: mean mass ``P_{i,π(i)}`` at the true pairs (rows normalised to sum to one);
+        ``"row_err"``: largest ``|Σ_j P_ij − 1|`` over rows, averaged over the problems ``B``;
+        ``"col_err"``: the same for the column sums.
+    """
+    if not isinstance(plan, Tensor) or plan.dim() < 3 or plan.shape[-1] != plan.shape[-2]:
+        raise ValueError("`plan` must be a tensor of shape (..., B, N, N)")
+    if not isinstance(perm, Tensor) or perm.shape != plan.shape[:-1]:
+        raise ValueError(f"`perm` must have shape {tuple(plan.shape[:-1])}; got "
+                         f"{tuple(perm.shape) if isinstance(perm, Tensor) else type(perm)}")
+    P = plan.detach().to(torch.float64)
+    rows = P.sum(-1)
+    cols = P.sum(-2)
+    hard = assignment_accuracy(row_argmax(P), perm)
+    Pn = P / rows[..., None].clamp_min(torch.finfo(P.dtype).tiny)
+    soft = torch.gather(Pn, -1, perm[..., None])[..., 0].mean(dim=(-1, -2))
+    row_err = (rows - 1.0).abs().amax(-1).mean(-1)
+    col_err = (cols - 1.0).abs().amax(-1).mean(-1)
+    return {"hard": hard, "soft": soft, "row_err": row_err, "col_err": col_err}
+
+
+class Replay:
+    """An open-loop schedule that replays a recorded temperature sequence.
+
+    The control for a closed-loop rule: replaying EPH-ASC's own ``ε_t`` without looking at the plans
+    separates *what* temperatures were used from *how* they were chosen.
+
+    Parameters
+    ----------
+    eps : sequence of float, length ``T``
+        ``ε_t`` to use at step ``t``; after the last entry the last value is held.
+
+    Attributes
+    ----------
+    eps : float
+        The temperature to use now (the :class:`SchedulerLike` interface).
+    """
+
+    name = "replay"
+
+    def __init__(self, eps: Sequence[float]):
+        seq = [float(e) for e in (eps.tolist() if isinstance(eps, (Tensor, np.ndarray)) else eps)]
+        if len(seq) == 0:
+            raise ValueError("`eps` must not be empty")
+        if not all(math.isfinite(e) and e > 0 for e in seq):
+            raise ValueError("`eps` must contain positive finite temperatures")
+        self._seq = seq
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the first recorded temperature."""
+        self.t = 0
+        self.eps = self._seq[0]
+
+    def eps_at(self, t: int) -> float:
+        """The recorded ``ε_t`` (the last one for ``t ≥ T``)."""
+        if t < 0:
+            raise ValueError(f"`t` must be nonnegative; got {t}")
+        return self._seq[min(t, len(self._seq) - 1)]
+
+    def step(self, plan: Optional[Tensor] = None, *, cost: Optional[Tensor] = None) -> float:
+        """Ignore the plan; advance to the next recorded temperature and return it."""
+        self.t += 1
+        self.eps = self.eps_at(self.t)
+        return self.eps
+
+    def __repr__(self) -> str:
+        return f"Replay(T={len(self._seq)}, eps={self.eps:.4g}, t={self.t})"
+
+
+# ----------------------------------------------------------------------------------------------
+# scheduler statistics
 
 
 def brake_after_brake(brake: Tensor) -> Tensor:
@@ -441,7 +528,7 @@ def brake_after_brake(brake: Tensor) -> Tensor:
 
     After a hold, ``ε`` is unchanged, so the next drift ``‖P_{t+1} − P_t‖`` comes from the cost alone.
     On a fixed cost that drift is exactly zero (cold start, same ``ε``, same cost), so EPH-ASC never
-    holds twice in a row (strict alternation, notes §5.3) and this fraction is 0. In training it
+    holds twice in a row (strict alternation, Chapter 13) and this fraction is 0. In training it
     measures how often the *cost* drift by itself exceeds ``k_safe·ε``.
 
     Parameters
@@ -494,6 +581,10 @@ class TrainResult:
     final_train_acc : ``(S,)``
     oracle_train_acc, oracle_test_acc : ``(S,)``  accuracy of ``W = A``
     n : int                   plan size
+    readout : dict of ``(S,)`` :func:`plan_readouts` of the layer's own output on the held-out
+        problems with the final features, at the last temperature used (``eps[:, -1]``) and the
+        training ``n_iter``: ``"hard"`` (row-argmax accuracy), ``"soft"`` (mass at the true pairs),
+        ``"row_err"``, ``"col_err"`` (marginal errors of the plan)
     """
 
     seeds: List[int]
@@ -510,6 +601,7 @@ class TrainResult:
     oracle_train_acc: Tensor
     oracle_test_acc: Tensor
     n: int
+    readout: Dict[str, Tensor] = field(default_factory=dict, repr=False)
     extra: Dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -524,18 +616,27 @@ class TrainResult:
             raise ValueError(f"`on` must be 'train' or 'test'; got {on!r}")
         return acc_at(self.collapse_epoch, self.train_acc if on == "train" else self.test_acc)
 
-    def premature(self, margin: float = 0.1, on: str = "test", reference: str = "oracle") -> Tensor:
+    def premature(self, margin: float = 0.1, on: str = "test",
+                  reference: Union[str, Tensor] = "oracle") -> Tensor:
         """``(S,)`` :func:`premature_collapse`.
 
-        ``on="train"`` is D8 to the letter: the collapsed training plan disagrees with the true
+        ``on="train"`` is the paper's description to the letter: the collapsed training plan disagrees with the true
         assignment of its own problems. ``on="test"`` asks whether the *features* had matured: the
         held-out accuracy at the collapse epoch. ``reference`` is the oracle accuracy ``acc(W = A)``
-        on the same problems (``"oracle"``) or the run's own final accuracy (``"final"``).
+        on the same problems (``"oracle"``), the run's own final accuracy (``"final"``), or a tensor
+        ``(S,)`` given per seed, e.g. the same seed's final accuracy without annealing (a
+        *budget-aware* reference: what the budget allows without collapse).
         """
         if on not in ("train", "test"):
             raise ValueError(f"`on` must be 'train' or 'test'; got {on!r}")
+        trace = self.train_acc if on == "train" else self.test_acc
+        if isinstance(reference, Tensor):
+            if reference.shape != self.final_test_acc.shape:
+                raise ValueError(f"`reference` must have shape {tuple(self.final_test_acc.shape)}; "
+                                 f"got {tuple(reference.shape)}")
+            return premature_collapse(self.collapse_epoch, trace, reference.to(torch.float64), margin)
         if reference not in ("oracle", "final"):
-            raise ValueError(f"`reference` must be 'oracle' or 'final'; got {reference!r}")
+            raise ValueError(f"`reference` must be 'oracle', 'final' or a tensor; got {reference!r}")
         if on == "train":
             ref = self.oracle_train_acc if reference == "oracle" else self.final_train_acc
             trace = self.train_acc
@@ -620,6 +721,12 @@ def _run_batched(config: TaskConfig, scheds: List[SchedulerLike], data: Permutat
         out["oracle_train_acc"] = assignment_accuracy(hungarian(matching_cost(X, Y, A)), perm).cpu()
         out["oracle_test_acc"] = assignment_accuracy(hungarian(matching_cost(Xt, Yt, A)), pt).cpu()
         out["W"] = W.detach().cpu()
+        eps_last = torch.as_tensor(tr["eps"][:, -1], dtype=config.dtype, device=X.device)
+        Ct = matching_cost(Xt, Yt, W.detach())
+        Pt = project_dsm(-Ct / eps_last[:, None, None, None], tau=1.0, n_iter=config.n_iter, grad="none",
+                         check_inputs=False).plan
+        for k, v in plan_readouts(Pt, pt).items():
+            out["readout_" + k] = v.cpu()
     br = np.zeros((R, T), dtype=bool)
     dr = np.full((R, T), np.nan)
     for r, s in enumerate(scheds):
@@ -636,9 +743,10 @@ def train_many(config: TaskConfig, schedulers: Mapping[str, SchedulerLike],
     Parameters
     ----------
     config : TaskConfig
-    schedulers : mapping name -> scheduler
+    schedulers : mapping name -> scheduler, or name -> list of schedulers (one per seed)
         Prototypes: each run gets ``copy.deepcopy(prototype)`` followed by ``reset()``, so the
-        prototypes are not modified. A scheduler exposes ``eps`` (the ε to use now) and
+        prototypes are not modified. A list gives seed ``k`` its own prototype ``list[k]`` (e.g.
+        :class:`Replay` of that seed's recorded temperatures). A scheduler exposes ``eps`` (the ε to use now) and
         ``step(plan, *, cost=None) -> next eps`` (:class:`SchedulerLike`); ``plan`` is the detached
         training plan ``(batch, N, N)`` with unit row and column sums and ``cost`` the matching cost
         ``C`` of the same shape (the plan is ``project_dsm(-C/ε)``, i.e. ``sinkhorn(C, ε)`` with
@@ -660,11 +768,17 @@ def train_many(config: TaskConfig, schedulers: Mapping[str, SchedulerLike],
     scheds: List[SchedulerLike] = []
     seed_index: List[int] = []
     for name in names:
-        proto = schedulers[name]
-        if not (hasattr(proto, "eps") and callable(getattr(proto, "step", None))):
-            raise ValueError(f"scheduler {name!r} must have an `eps` attribute and a `step` method")
+        protos = schedulers[name]
+        if isinstance(protos, (list, tuple)):
+            if len(protos) != len(seeds):
+                raise ValueError(f"scheduler list {name!r} has {len(protos)} entries for {len(seeds)} seeds")
+        else:
+            protos = [protos] * len(seeds)
+        for proto in protos:
+            if not (hasattr(proto, "eps") and callable(getattr(proto, "step", None))):
+                raise ValueError(f"scheduler {name!r} must have an `eps` attribute and a `step` method")
         for k in range(len(seeds)):
-            s = copy.deepcopy(proto)
+            s = copy.deepcopy(protos[k])
             if callable(getattr(s, "reset", None)):
                 s.reset()
             scheds.append(s)
@@ -688,6 +802,7 @@ def train_many(config: TaskConfig, schedulers: Mapping[str, SchedulerLike],
             brake=out["brake"][sl], drift=out["drift"][sl], final_test_acc=out["final_test_acc"][sl],
             final_train_acc=out["final_train_acc"][sl], oracle_train_acc=out["oracle_train_acc"][sl],
             oracle_test_acc=out["oracle_test_acc"][sl], n=config.n,
+            readout={k[8:]: out[k][sl] for k in out if k.startswith("readout_")},
             extra={"W": out["W"][sl], "schedulers": scheds[sl]},
         )
     return results
@@ -709,3 +824,286 @@ def train(config: TaskConfig, scheduler: SchedulerLike, seed: Union[int, Sequenc
         Traces of shape ``(S, epochs)``.
     """
     return train_many(config, {"run": scheduler}, seed)["run"]
+
+
+# ----------------------------------------------------------------------------------------------
+# a task that needs annealing: learning to sort noisy keys, minibatch training
+
+
+@dataclass(frozen=True)
+class SortingConfig:
+    """Sizes and optimiser settings of the noisy-key sorting task (:func:`train_sorting_many`).
+
+    A problem is ``N`` items with hidden keys ``v_i ~ N(0, 1)``. Each item is seen only through a
+    feature vector ``x_i = v_i·u + σ·ξ_i + ν_i`` (``u`` a hidden unit direction of the
+    replication, ``ξ_i`` isotropic noise, ``ν_i`` nuisance noise of scale ``nuisance`` in the
+    directions orthogonal to ``u``). The model scores items by ``s_i = ⟨w, x_i⟩`` with a learned
+    ``w ∈ R^d``, standardises the scores within the problem (zero mean, unit variance: the layer
+    cannot sharpen its plan by growing ``w``, so the temperature alone sets the sharpness) and
+    matches them to standardised ranks ``r_j`` by the cost ``C_ij = −s_i r_j``. The head is
+    ``n_iter`` cold log-domain Sinkhorn sweeps at temperature ``ε``; the target is the rank
+    permutation of the true keys, and the loss is ``"nll"``, ``−mean_i log P_{i,rank(i)}``, or
+    ``"mse"``, ``‖P − Π‖_F² / N`` (a loss that saturates once the plan is hard).
+
+    Attributes
+    ----------
+    n, d : int
+        Items per problem and feature dimension.
+    batch : int
+        Fresh problems per training step (minibatch; a new batch every step).
+    probe_batch : int
+        Problems of the fixed probe batch on which closed-loop rules measure their drift.
+    test_batch : int
+        Held-out problems.
+    sigma : float
+        Key noise ``σ`` along every direction.
+    nuisance : float
+        Scale of the nuisance noise orthogonal to ``u``.
+    steps : int
+        Training steps.
+    lr : float
+        Adam learning rate.
+    n_iter : int
+        Sinkhorn sweeps of the head.
+    loss : {"nll", "mse"}
+    dtype, device, cpu_threads : as :class:`TaskConfig`.
+    """
+
+    n: int = 16
+    d: int = 8
+    batch: int = 32
+    probe_batch: int = 16
+    test_batch: int = 256
+    sigma: float = 0.05
+    nuisance: float = 1.0
+    steps: int = 200
+    lr: float = 0.05
+    n_iter: int = 20
+    loss: str = "nll"
+    dtype: torch.dtype = torch.float64
+    device: str = "cpu"
+    cpu_threads: Optional[int] = 1
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("nll", "mse"):
+            raise ValueError(f"`loss` must be 'nll' or 'mse'; got {self.loss!r}")
+        for name in ("n", "d", "batch", "probe_batch", "test_batch", "steps", "n_iter"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"`{name}` must be a positive integer; got {v!r}")
+        if self.n < 2 or self.d < 2:
+            raise ValueError(f"`n` and `d` must be at least 2; got {self.n}, {self.d}")
+        for name in ("sigma", "nuisance", "lr"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"`{name}` must be a nonnegative finite number; got {v!r}")
+        if self.lr <= 0:
+            raise ValueError(f"`lr` must be positive; got {self.lr!r}")
+        if self.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"`dtype` must be torch.float32 or torch.float64; got {self.dtype}")
+
+
+def _sorting_problems(u: Tensor, count: int, cfg: SortingConfig, g: torch.Generator) -> tuple:
+    n, d = cfg.n, u.shape[-1]
+    v = torch.randn(count, n, generator=g, dtype=u.dtype)
+    xi = torch.randn(count, n, d, generator=g, dtype=u.dtype)
+    nu = torch.randn(count, n, d, generator=g, dtype=u.dtype)
+    nu = nu - (nu @ u)[..., None] * u  # orthogonal to u
+    X = v[..., None] * u + cfg.sigma * xi + cfg.nuisance * nu
+    rank = torch.argsort(torch.argsort(v, dim=-1), dim=-1)  # rank[i]: position of item i
+    return X, rank
+
+
+def _std(x: Tensor) -> Tensor:
+    x = x - x.mean(-1, keepdim=True)
+    return x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def sorting_cost(X: Tensor, w: Tensor) -> Tensor:
+    """The sorting head's cost ``C_ij = −s_i r_j`` with standardised scores and ranks.
+
+    Parameters
+    ----------
+    X : Tensor ``(..., B, N, d)``
+    w : Tensor ``(..., d)``
+        Broadcast over the problem dim ``B``.
+
+    Returns
+    -------
+    Tensor ``(..., B, N, N)``
+    """
+    if X.shape[-1] != w.shape[-1]:
+        raise ValueError(f"`X` {tuple(X.shape)} and `w` {tuple(w.shape)} disagree on d")
+    s = _std((X @ w[..., None, :, None])[..., 0])
+    n = X.shape[-2]
+    r = _std(torch.arange(n, dtype=X.dtype, device=X.device))
+    return -s[..., :, None] * r
+
+
+@dataclass
+class SortingResult:
+    """Traces and final read-outs of one scheduler over ``S`` seeds (CPU float64).
+
+    Attributes
+    ----------
+    seeds : list of int
+    eps : ``(S, T)``           temperature used at each step
+    loss : ``(S, T)``          training loss
+    brake : ``(S, T)`` bool    the scheduler held ε (from its ``history``, else False)
+    exact_argsort : ``(S,)``   fraction of held-out problems sorted exactly by the scores'
+                               argsort (the ε-free read-out, the analogue of Hungarian)
+    exact_hard : ``(S,)``      fraction sorted exactly by the row-argmax of the plan at the last
+                               temperature (the layer's own hard output)
+    readout : dict of ``(S,)`` :func:`plan_readouts` of the held-out plan (``hard``: fraction of
+                               rows right; ``soft``; ``row_err``; ``col_err``)
+    w : ``(S, d)``             final weights
+    """
+
+    seeds: List[int]
+    eps: Tensor
+    loss: Tensor
+    brake: Tensor
+    exact_argsort: Tensor
+    exact_hard: Tensor
+    readout: Dict[str, Tensor]
+    w: Tensor
+
+
+def train_sorting_many(config: SortingConfig, schedulers: Mapping[str, Any],
+                       seeds: Union[int, Sequence[int]],
+                       feed: Optional[Mapping[str, str]] = None) -> Dict[str, SortingResult]:
+    """Train the sorting model under several schedulers × seeds, batched, with minibatches.
+
+    Every step draws a fresh minibatch (the same one for every scheduler of a seed: paired). Each
+    scheduler then gets ``sched.step(plan)`` with the plan computed at ``sched.eps`` on a
+    **fixed probe batch** (no gradient; ``feed[name] = "probe"``, the default), so that
+    closed-loop rules see the drift of the model, not the change of data; or, with
+    ``feed[name] = "train"``, the detached plan of the training minibatch (the released usage,
+    which compares plans of different samples).
+
+    Parameters
+    ----------
+    config : SortingConfig
+    schedulers : mapping name -> scheduler or list of per-seed schedulers (as :func:`train_many`)
+    seeds : int or sequence of int
+    feed : mapping name -> {"probe", "train"}, optional
+
+    Returns
+    -------
+    dict name -> SortingResult
+    """
+    if not isinstance(schedulers, Mapping) or len(schedulers) == 0:
+        raise ValueError("`schedulers` must be a non-empty mapping name -> scheduler")
+    feed = dict(feed or {})
+    for k, v in feed.items():
+        if k not in schedulers or v not in ("probe", "train"):
+            raise ValueError(f"`feed` entries must name a scheduler and be 'probe' or 'train'; "
+                             f"got {k!r}: {v!r}")
+    if isinstance(seeds, (int, np.integer)):
+        seeds = [int(seeds)]
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("`seeds` must not be empty")
+    cfg, S, n, d = config, len(seeds), config.n, config.d
+    dev, dt = torch.device(cfg.device), cfg.dtype
+    # per seed: direction u, initial w, probe and test problems (CPU generators)
+    us, w0s, probe, test = [], [], [], []
+    for s in seeds:
+        g = torch.Generator().manual_seed(s)
+        u = torch.randn(d, generator=g, dtype=dt)
+        u = u / u.norm()
+        us.append(u)
+        w0s.append(torch.randn(d, generator=g, dtype=dt) / math.sqrt(d))
+        probe.append(_sorting_problems(u, cfg.probe_batch, cfg, g))
+        test.append(_sorting_problems(u, cfg.test_batch, cfg, g))
+    names = list(schedulers)
+    scheds, seed_idx, modes = [], [], []
+    for name in names:
+        protos = schedulers[name]
+        if isinstance(protos, (list, tuple)):
+            if len(protos) != S:
+                raise ValueError(f"scheduler list {name!r} has {len(protos)} entries for {S} seeds")
+        else:
+            protos = [protos] * S
+        for k in range(S):
+            if not (hasattr(protos[k], "eps") and callable(getattr(protos[k], "step", None))):
+                raise ValueError(f"scheduler {name!r} must have an `eps` attribute and a `step` method")
+            sc = copy.deepcopy(protos[k])
+            if callable(getattr(sc, "reset", None)):
+                sc.reset()
+            scheds.append(sc)
+            seed_idx.append(k)
+            modes.append(feed.get(name, "probe"))
+    R, T = len(scheds), cfg.steps
+    idx = torch.tensor(seed_idx)
+    U = torch.stack(us).to(dev)
+    Xp = torch.stack([p[0] for p in probe]).to(dev)[idx]
+    Xt = torch.stack([t[0] for t in test]).to(dev)[idx]
+    rank_t = torch.stack([t[1] for t in test]).to(dev)[idx]
+    w = torch.nn.Parameter(torch.stack(w0s).to(dev)[idx].clone())
+    opt = torch.optim.Adam([w], lr=cfg.lr)
+    gens = [torch.Generator().manual_seed(10_000_019 * (s + 1)) for s in seeds]
+    eps_tr = np.zeros((R, T))
+    loss_tr = np.zeros((R, T))
+    threads = torch.get_num_threads()
+    if dev.type == "cpu" and cfg.cpu_threads is not None:
+        torch.set_num_threads(cfg.cpu_threads)
+    try:
+        for t in range(T):
+            batch = [_sorting_problems(U[k].cpu(), cfg.batch, cfg, gens[k]) for k in range(S)]
+            X = torch.stack([b[0] for b in batch]).to(dev)[idx]
+            rank = torch.stack([b[1] for b in batch]).to(dev)[idx]
+            eps = torch.tensor([float(sc.eps) for sc in scheds], dtype=dt, device=dev)
+            if not bool((eps > 0).all()) or not bool(torch.isfinite(eps).all()):
+                raise ValueError("a scheduler returned a non-positive or non-finite eps")
+            C = sorting_cost(X, w)
+            res = project_dsm(-C / eps[:, None, None, None], tau=1.0, n_iter=cfg.n_iter,
+                              grad="unroll", check_inputs=False)
+            if cfg.loss == "nll":
+                logp = (res.f + torch.gather(res.g, -1, rank)
+                        - torch.gather(C, -1, rank[..., None])[..., 0] / eps[:, None, None])
+                loss_r = -logp.mean(dim=(-1, -2))
+            else:
+                target = torch.nn.functional.one_hot(rank, n).to(dt)
+                loss_r = ((res.plan - target) ** 2).sum(dim=(-1, -2)).mean(-1) / n
+            opt.zero_grad(set_to_none=True)
+            loss_r.sum().backward()
+            opt.step()
+            eps_tr[:, t] = eps.cpu().numpy()
+            loss_tr[:, t] = loss_r.detach().cpu().numpy()
+            with torch.no_grad():
+                Cp = sorting_cost(Xp, w.detach())
+                Pp = project_dsm(-Cp / eps[:, None, None, None], tau=1.0, n_iter=cfg.n_iter,
+                                 grad="none", check_inputs=False).plan
+                Ptr = res.plan.detach()
+            for r, sc in enumerate(scheds):
+                sc.step(Pp[r] if modes[r] == "probe" else Ptr[r])
+    finally:
+        if dev.type == "cpu" and cfg.cpu_threads is not None:
+            torch.set_num_threads(threads)
+    with torch.no_grad():
+        wd = w.detach()
+        Ct = sorting_cost(Xt, wd)
+        eps_last = torch.as_tensor(eps_tr[:, -1], dtype=dt, device=dev)
+        Pt = project_dsm(-Ct / eps_last[:, None, None, None], tau=1.0, n_iter=cfg.n_iter,
+                         grad="none", check_inputs=False).plan
+        ro = {k: v.cpu() for k, v in plan_readouts(Pt, rank_t).items()}
+        s_score = (Xt @ wd[:, None, :, None])[..., 0]
+        pos = torch.argsort(torch.argsort(s_score, dim=-1), dim=-1)
+        exact_argsort = (pos == rank_t).all(-1).double().mean(-1).cpu()
+        exact_hard = (row_argmax(Pt) == rank_t).all(-1).double().mean(-1).cpu()
+    brake = np.zeros((R, T), dtype=bool)
+    for r, sc in enumerate(scheds):
+        brake[r] = _brake_flags(sc, T)[0]
+    out: Dict[str, SortingResult] = {}
+    for j, name in enumerate(names):
+        sl = slice(j * S, (j + 1) * S)
+        out[name] = SortingResult(
+            seeds=list(seeds), eps=torch.from_numpy(eps_tr[sl]), loss=torch.from_numpy(loss_tr[sl]),
+            brake=torch.from_numpy(brake[sl]), exact_argsort=exact_argsort[sl],
+            exact_hard=exact_hard[sl], readout={k: v[sl] for k, v in ro.items()},
+            w=wd[sl].cpu())
+    return out
+
+
+__all__ += ["SortingConfig", "SortingResult", "sorting_cost", "train_sorting_many"]
