@@ -15,11 +15,13 @@
 * :mod:`bistochastic.plotting` -- the book's figure style
 * :mod:`bistochastic.bench` -- side-by-side timing against POT and a plain eager loop
 * :mod:`bistochastic.stats` -- effect sizes with intervals over seeds, equivalence tests (TOST)
+* :mod:`bistochastic.nn` -- DSM layers as ``torch.nn`` modules (Sinkhorn attention) and training diagnostics
 """
 
 from .sinkhorn import SinkhornResult, SinkhornWarning, marginal_error, project_dsm, sinkhorn
 from . import profiles, book, plotting
 from . import birkhoff, spectral, noise, models, fixed_point, anneal, tasks, bench, stats
+from . import nn
 
 __version__ = "0.1.0"
 
@@ -41,4 +43,5 @@ __all__ = [
     "tasks",
     "bench",
     "stats",
+    "nn",
 ]
