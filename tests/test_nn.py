@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -335,3 +336,35 @@ def test_ensemble_matches_separate_members():
         mm = ens.member(g)
         assert mm.blocks[1].attn.tau == taus[g]
         assert torch.allclose(mm(x[g]), out[g], atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# the ranking experiment
+
+
+def test_ranking_batch_and_floor():
+    x, r = bs.nn.ranking_batch(4000, 5, torch.Generator().manual_seed(0))
+    assert x.shape == r.shape == (4000, 5, 1)
+    # ranks are a permutation of 0..T-1 (normalised) that sorts x
+    assert torch.equal(r.squeeze(-1).sort(-1).values[0], torch.arange(5, dtype=torch.float64) / 4)
+    assert bool((x.squeeze(-1).gather(1, r.squeeze(-1).mul(4).long().argsort(1)).diff(dim=1) > 0).all())
+    # predicting the own value x attains the floor 1/(6(T-1)); Monte Carlo within 4 standard errors
+    e = (x - r).pow(2).mean((1, 2))
+    floor = bs.nn.no_attention_floor(5)
+    assert abs(float(e.mean()) - floor) < 4 * float(e.std()) / math.sqrt(4000)
+
+
+def test_train_run_shapes_and_pairing():
+    kw = dict(taus=(1.0, 10.0), seeds=(0, 1), steps=4, checkpoints=(0, 2, 4), test_size=16,
+              probe_size=8, d_model=8, batch=4, T=4, n_iter=3)
+    r = bs.nn.train_run("sinkhorn", "free", 2, **kw)
+    assert r.test_loss.shape == (3, 4) and r.sigma2.shape == (3, 4, 2)
+    assert r.product_gain.shape == (3, 4)
+    assert np.isnan(r.grad_norm[0]).all() and np.isfinite(r.grad_norm[1:]).all()
+    assert r.member(10.0, 1) == 3 and r.by_tau(r.test_loss, 10.0).shape == (3, 2)
+    # the same seed starts from the same weights whatever tau: equal first-layer scores at step
+    # 0, so their spread in units of tau differs exactly by the ratio of the temperatures
+    np.testing.assert_allclose(r.logit_spread[0, 0, 0], 10 * r.logit_spread[0, 2, 0], rtol=1e-10)
+    s = bs.nn.train_run("softmax", "free", 2, **kw)
+    assert np.isnan(s.marginal_error).all()
+    np.testing.assert_allclose(s.test_loss[0], r.test_loss[0], rtol=0.5)

@@ -4,6 +4,8 @@
   frozen logit scale, key padding masks (causal masks refused, with the reason)
 * :class:`SinkhornEncoder` -- a pre-LayerNorm encoder built from it (for the training chapters),
   and :class:`Ensemble` to train several seeds of one model as one tensor program
+* :func:`train_run` -- the ranking task (:func:`ranking_batch`) trained for several seeds and
+  temperatures at once, with per-layer diagnostics at checkpoints (Chapter 15)
 * :class:`Diagnostics` -- forward hooks recording per-layer σ₂, logit spread (effective
   temperature), token spread of the residual stream and gradient norms
 """
@@ -11,6 +13,7 @@
 from .attention import CAUSAL_REFUSAL, SinkhornAttention, dsm_attention_weights
 from .diagnostics import Diagnostics, is_mixing_module, mixing_metrics, token_spread, valid_blocks
 from .encoder import Ensemble, SinkhornEncoder
+from .experiments import RunResult, no_attention_floor, ranking_batch, train_run
 
 __all__ = [
     "CAUSAL_REFUSAL",
@@ -23,4 +26,8 @@ __all__ = [
     "valid_blocks",
     "SinkhornEncoder",
     "Ensemble",
+    "RunResult",
+    "no_attention_floor",
+    "ranking_batch",
+    "train_run",
 ]
