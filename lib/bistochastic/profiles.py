@@ -151,6 +151,14 @@ TABLE: Dict[str, Dict[str, Dict[str, Any]]] = {
                  "seeds": 5, "taus": (0.5, 1.0, 2.0, 4.0, 8.0), "sym_steps": 200,
                  "tost_margin": 0.05},
     },
+    "15_sinkhorn_attention": {
+        "ci": {"T": 8, "d": 32, "heads": 2, "batch": 16, "steps": 60, "lr": 5e-3, "n_iter": 8,
+               "taus": (1.0, 10.0), "seeds": (0, 1, 2), "depths": (1, 2, 4, 8), "test_size": 256,
+               "n_checkpoints": 3},
+        "full": {"T": 16, "d": 64, "heads": 4, "batch": 128, "steps": 2000, "lr": 1e-3, "n_iter": 20,
+                 "taus": (1.0, 10.0), "seeds": tuple(range(10)), "depths": (1, 2, 4, 8),
+                 "test_size": 4096, "n_checkpoints": 20},
+    },
 }
 
 
