@@ -16,16 +16,13 @@
 * :mod:`bistochastic.bench` -- side-by-side timing against POT and a plain eager loop
 * :mod:`bistochastic.stats` -- effect sizes with intervals over seeds, equivalence tests (TOST)
 * :mod:`bistochastic.explorer` -- precomputed data for the book's interactive explorer
-
 * :mod:`bistochastic.nn` -- DSM layers as ``torch.nn`` modules (Sinkhorn attention, mHC hyper-connections, a small GPT) and training diagnostics
 """
 
 from .sinkhorn import SinkhornResult, SinkhornWarning, marginal_error, project_dsm, sinkhorn
 from . import profiles, book
 from . import birkhoff, spectral, noise, models, fixed_point, anneal, tasks, bench, stats
-from . import explorer
-
-from . import nn
+from . import explorer, nn
 
 __version__ = "0.1.0"
 
@@ -58,6 +55,5 @@ __all__ = [
     "bench",
     "stats",
     "explorer",
-
     "nn",
 ]
