@@ -3,18 +3,18 @@
 :class:`MixingStack` is one ``nn.Module`` used by several chapters. It holds ``L`` layers acting on
 ``X ∈ ℝ^{n×d}`` (``n`` tokens or streams, ``d`` features; batched over leading dims). Layer ``l``:
 
-1. **mixing**: ``M_l = Sinkhorn(exp(S_l/τ))`` (``bs.project_dsm``) or, for the comparison of T7,
+1. **mixing**: ``M_l = Sinkhorn(exp(S_l/τ))`` (``bs.project_dsm``) or, for the comparison with Softmax,
    ``M_l = rowsoftmax(S_l/τ)``, from random (seeded) or identity-like (mHC) logits ``S_l``, fixed
    buffers or learned ``nn.Parameter`` s;
 2. **residual**: ``"convex"``: ``X ← H_l X`` with ``H_l = (1-α) I + α M_l`` (still a DSM; ``α = 1`` is
    plain mixing, ``α = 0`` the identity), or ``"branch"``: ``X ← X + α M_l X W_l``;
 3. **noise**: ``X ← X + η Ξ`` with ``Ξ`` standard Gaussian (injected noise of std ``η``);
-4. **LayerNorm** (optional, ``γ = 1, β = 0``): ``"tokens"`` over the mixed axis (reading 1 of T4) or
+4. **LayerNorm** (optional, ``γ = 1, β = 0``): ``"tokens"`` over the mixed axis (the first reading of the LayerNorm claim) or
    ``"features"`` per token over features (reading 2, the Transformer's).
 
 The forward pass returns every intermediate state, so detail ratios, cosines and token spreads can
 be tracked layer by layer. Diagnostics: :func:`operator_products` (``H_l⋯H_1``),
-:func:`scalar_identity_distance` (D13), :func:`mixing_jacobian` (``∂M/∂S`` by autograd).
+:func:`scalar_identity_distance` (distance from ``c·I`` on ``1^⊥``), :func:`mixing_jacobian` (``∂M/∂S`` by autograd).
 
 Dtype and device follow the input: the mixing matrices are computed from the logits cast to the
 input's dtype and device, so the same model runs in float32 and float64.
@@ -347,7 +347,7 @@ def detail_basis(n: int, dtype: torch.dtype = torch.float64, device=None) -> Ten
 
 
 def scalar_identity_distance(A: Tensor, iters: int = 100):
-    """Distance of ``A`` from a scalar times the identity on ``1^⊥`` (D13).
+    """Distance of ``A`` from a scalar times the identity on ``1^⊥``.
 
     Returns ``(dist, c, norm)`` with ``dist = min_c ‖P A P - c P‖₂``, the minimiser ``c`` and
     ``norm = ‖P A P‖₂``; the relative distance is ``dist / norm``. The objective is convex in ``c``,

@@ -8,8 +8,8 @@ signal. This module measures that:
 * :func:`detail` -- ``P x`` along any axis; :func:`detail_cosine` -- the cosine between the detail
   parts of two signals (batched); :func:`detail_direction_error` -- the distance between their unit
   directions (cancellation-free); :func:`token_spread` -- ``‖P X‖_F / ‖X‖_F`` over the token axis.
-* :func:`snr` -- ``SNR = ‖P s‖² / (η² (n-1))``, signal energy per noise dimension of ``1^⊥`` (D9).
-* :func:`cosine_bound` -- the finite-n concentration bound of T3 on ``|cos∠(P y, s)|``, with its
+* :func:`snr` -- ``SNR = ‖P s‖² / (η² (n-1))``, signal energy per noise dimension of ``1^⊥``.
+* :func:`cosine_bound` -- the finite-n concentration bound on ``|cos∠(P y, s)|``, with its
   confidence ``1 - 3 e^{-x}`` and a flag telling where it is informative;
   :func:`bound_informative_snr_max` and :func:`min_informative_n` -- where that is.
 * :func:`cosine_asymptotic` -- ``√(SNR/(1+SNR))``; :func:`noise_floor` -- ``E|cos|`` at ``SNR = 0``
@@ -136,7 +136,7 @@ def token_spread(X: Tensor, token_dim: int = -2) -> Tensor:
 
 
 def snr(s: Tensor, eta: Num, dim: int = -1) -> Tensor:
-    """Signal-to-noise ratio in the detail subspace (D9): ``‖P s‖² / (η² (n - 1))``.
+    """Signal-to-noise ratio in the detail subspace: ``‖P s‖² / (η² (n - 1))``.
 
     ``n`` is the size of ``dim``; noise ``ξ ~ N(0, η² I_n)`` has energy ``η²(n-1)`` in ``1^⊥``, so
     ``SNR = 1`` means the detail signal carries as much energy as the noise there.
@@ -155,12 +155,12 @@ def snr(s: Tensor, eta: Num, dim: int = -1) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# the finite-n bound (T3)
+# the finite-n bound on the cosine
 
 
 @dataclass
 class CosineBound:
-    """The T3 bound evaluated on a grid (all tensors broadcast to one shape).
+    """The finite-n cosine bound evaluated on a grid (all tensors broadcast to one shape).
 
     Attributes
     ----------
@@ -181,7 +181,7 @@ class CosineBound:
 
 
 def cosine_bound(snr: Num, k: Num, x: Num) -> CosineBound:
-    """Finite-n bound of T3: with probability ``>= 1 - 3 e^{-x}``,
+    """Finite-n bound on the cosine: with probability ``>= 1 - 3 e^{-x}``,
 
     ``|cos∠(P y, s)| <= (√SNR + √(2x/k)) / √(SNR - 2√SNR √(2x/k) + 1 - 2√(x/k))``
 
@@ -211,7 +211,7 @@ def cosine_bound(snr: Num, k: Num, x: Num) -> CosineBound:
 
 
 def bound_informative_snr_max(k: Num, x: Num) -> Tensor:
-    """Largest SNR at which the T3 bound is below 1 (informative), for given ``k`` and ``x``.
+    """Largest SNR at which the finite-n cosine bound is below 1 (informative), for given ``k`` and ``x``.
 
     ``bound < 1`` is equivalent to ``4√SNR·b + b² + c < 1`` with ``b = √(2x/k)``, ``c = 2√(x/k)``, so
     the bound is informative exactly for ``SNR < ((1 - b² - c)/(4b))²``; the result is ``-1`` (no SNR
@@ -227,7 +227,7 @@ def bound_informative_snr_max(k: Num, x: Num) -> Tensor:
 
 
 def min_informative_n(x: Num) -> Tensor:
-    """Smallest ``n`` (integer) at which the T3 bound is informative at ``SNR = 0`` for this ``x``.
+    """Smallest ``n`` (integer) at which the finite-n cosine bound is informative at ``SNR = 0`` for this ``x``.
 
     From ``2x/k + 2√(x/k) < 1``: ``√(x/k) < (√3 - 1)/2``, i.e. ``k > x / ((√3-1)/2)² ≈ 7.46 x``.
     Combine with ``x > ln 3`` (positive confidence): no ``n <= 9`` is ever informative.
@@ -245,7 +245,7 @@ def min_informative_n(x: Num) -> Tensor:
 
 
 def cosine_asymptotic(snr: Num) -> Tensor:
-    """``√(SNR / (1 + SNR))``: the value ``cos∠(P y, s)`` concentrates at as ``k → ∞`` (D10)."""
+    """``√(SNR / (1 + SNR))``: the value ``cos∠(P y, s)`` concentrates at as ``k → ∞``."""
     s = _t(snr, "snr")
     if bool((s < 0).any()):
         raise ValueError("`snr` must be nonnegative")
@@ -333,7 +333,7 @@ def sample_cosine(snr: Num, k: int, trials: int, generator: Optional[torch.Gener
 
 def layernorm(x: Tensor, dim: int = -1, eps: float = 0.0) -> Tensor:
     """LayerNorm with ``γ = 1``, ``β = 0`` and population variance along ``dim``:
-    ``(x - mean x) / √(var x + eps)``. With ``eps = 0`` this is ``√n · P x / ‖P x‖`` (D11).
+    ``(x - mean x) / √(var x + eps)``. With ``eps = 0`` this is ``√n · P x / ‖P x‖``.
 
     Shape preserved; dtype and device follow ``x``. A constant slice with ``eps = 0`` gives NaN.
     """

@@ -344,7 +344,7 @@ class DepthProfile:
     Attributes (shapes ``(..., L)``; entry ``l-1`` refers to the first ``l`` layers):
 
     * ``sigma2``: ``σ₂(M_l)`` of each layer;
-    * ``bound``: ``∏_{k≤l} σ₂(M_k)``, the upper bound of Theorem T1;
+    * ``bound``: ``∏_{k≤l} σ₂(M_k)``, the upper bound given by submultiplicativity of σ₂ on ``1^⊥``;
     * ``product``: ``σ₂(M_l ⋯ M_1)``, measured on the product formed in the input's dtype.
     """
 
@@ -370,7 +370,8 @@ def depth_profile(Ms: Tensor, method: Method = "auto") -> DepthProfile:
     """Per-layer σ₂, the product bound ``∏σ₂`` and the measured ``σ₂(M_l⋯M_1)``.
 
     Shapes: ``Ms (..., L, n, n)``; every attribute of the result is ``(..., L)``.
-    For DSMs ``product <= bound`` up to round-off (Theorem T1, see :func:`matmul_floor`).
+    For DSMs ``product <= bound`` up to round-off (σ₂ of a product is at most the product of
+    the σ₂, see :func:`matmul_floor`).
     """
     prods = cumulative_products(Ms)
     s = sigma2(Ms, method)
@@ -413,7 +414,7 @@ def matmul_floor(n: int, L: int, dtype: torch.dtype) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# effective depth (D8)
+# effective depth
 
 
 def _check_delta(delta: float) -> float:
@@ -442,7 +443,7 @@ def first_below(values: Tensor, delta: float) -> Tensor:
 
 
 def effective_depth(sigma2s: Tensor, delta: float) -> Tensor:
-    """``L_eff(δ) = min{L : ∏_{l≤L} σ₂(M_l) <= δ}`` (D8), ``inf`` if the given layers never reach δ.
+    """``L_eff(δ) = min{L : ∏_{l≤L} σ₂(M_l) <= δ}``, ``inf`` if the given layers never reach δ.
 
     Shapes: ``sigma2s (..., L)`` per-layer σ₂ values -> ``(...)`` (float, integral or ``inf``).
 
@@ -477,7 +478,8 @@ def effective_depth_constant(sigma2_value: Union[float, Tensor], delta: float) -
 
 
 def effective_depth_law(tau: Union[float, Tensor], n: int, delta: float) -> Tensor:
-    """The high-temperature prediction ``L_eff(δ) ≈ log(1/δ) / log(τ√n/2)`` (T1 with L2(c)), for iid
+    """The high-temperature prediction ``L_eff(δ) ≈ log(1/δ) / log(τ√n/2)`` (product bound with the
+    Gaussian first-order law), for iid
     N(0, 1) logits; ``inf`` where ``τ√n/2 <= 1`` (outside the first-order regime). Not rounded."""
     d = _check_delta(delta)
     if int(n) != n or n < 2:
@@ -490,7 +492,7 @@ def effective_depth_law(tau: Union[float, Tensor], n: int, delta: float) -> Tens
 
 
 # ----------------------------------------------------------------------------------------------
-# entropy and the first-order (high-temperature) law, L2
+# entropy and the first-order (high-temperature) law
 
 
 def dsm_entropy(M: Tensor, normalized: bool = False) -> Tensor:
@@ -519,7 +521,7 @@ def dsm_entropy(M: Tensor, normalized: bool = False) -> Tensor:
 
 
 def first_order_dsm(logits: Tensor, tau: float) -> Tensor:
-    """The first-order expansion ``J + P S P / (n τ)`` of ``Sinkhorn(exp(S/τ))`` as ``τ → ∞`` (L2(b)).
+    """The first-order expansion ``J + P S P / (n τ)`` of ``Sinkhorn(exp(S/τ))`` as ``τ → ∞``.
 
     Shapes: ``logits (..., n, n)`` -> ``(..., n, n)``. The error is ``O(τ⁻²)``.
     """
@@ -534,7 +536,7 @@ def _check_tau(tau) -> float:
 
 
 def first_order_sigma2(logits: Tensor, tau: Union[float, Tensor]) -> Tensor:
-    """``‖P S P‖₂ / (n τ)``: the leading term of ``σ₂(Sinkhorn(exp(S/τ)))`` as ``τ → ∞`` (L2(b)).
+    """``‖P S P‖₂ / (n τ)``: the leading term of ``σ₂(Sinkhorn(exp(S/τ)))`` as ``τ → ∞``.
 
     Shapes: ``logits (..., n, n)``; ``tau`` a float or a tensor broadcasting with ``(...)``.
     """
@@ -547,7 +549,7 @@ def first_order_sigma2(logits: Tensor, tau: Union[float, Tensor]) -> Tensor:
 
 
 def gaussian_sigma2_law(n: int, tau: Union[float, Tensor]) -> Tensor:
-    """``2 / (τ √n)``: the first-order σ₂ for iid N(0, 1) logits, from ``‖PSP‖₂ ≈ 2√n`` (L2(c)).
+    """``2 / (τ √n)``: the first-order σ₂ for iid N(0, 1) logits, from ``‖PSP‖₂ ≈ 2√n``.
 
     ``‖PSP‖₂ ≈ 2√n`` is the edge of the semicircle/quarter-circle law for an ``n × n`` Gaussian matrix
     (largest singular value ``≈ 2√n``), so it holds for large ``n`` only.
@@ -561,11 +563,11 @@ def gaussian_sigma2_law(n: int, tau: Union[float, Tensor]) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# positivity bounds, L3
+# positivity bounds
 
 
 def positivity_bound(M: Tensor) -> Tensor:
-    """``1 - n · min_ij M_ij``, an upper bound on σ₂ of a DSM (L3(a)). ``(..., n, n)`` -> ``(...)``."""
+    """``1 - n · min_ij M_ij``, an upper bound on σ₂ of a DSM. ``(..., n, n)`` -> ``(...)``."""
     _check_square("M", M)
     n = M.shape[-1]
     return 1 - n * M.amin((-2, -1))
@@ -580,7 +582,7 @@ def oscillation(C: Tensor) -> Tensor:
 
 def entropic_positivity_bound(C: Tensor, eps: Union[float, Tensor]) -> Tensor:
     """``1 - exp(-2 osc(C)/ε)``, an upper bound on ``σ₂(M_ε)`` of the entropic plan with cost ``C``
-    and unit marginals (L3(b)). For logits use ``C = -S`` (same oscillation). ``(..., n, n)`` -> ``(...)``."""
+    and unit marginals. For logits use ``C = -S`` (same oscillation). ``(..., n, n)`` -> ``(...)``."""
     _check_square("C", C)
     e = torch.as_tensor(eps, dtype=C.dtype, device=C.device)
     if bool((e <= 0).any()):
@@ -610,7 +612,7 @@ def birkhoff_contraction(C: Tensor, eps: Union[float, Tensor]) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# frequency content (T2)
+# frequency content
 
 
 def circle_cost(n: int, *, dtype: torch.dtype = torch.float64, device: Union[str, torch.device] = "cpu") -> Tensor:
@@ -703,7 +705,7 @@ def rank_correlation(x: Tensor, y: Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# the Jacobian of the Sinkhorn projection with respect to the logits (T5, T6)
+# the Jacobian of the Sinkhorn projection with respect to the logits
 
 
 def _jac_factor(M: Tensor):
