@@ -697,3 +697,26 @@ def test_fault_book_setup_refuses_cuda_without_cuda():
         bs.book.resolve_device("cuda")
     with pytest.raises(ValueError, match="`device`"):
         bs.book.setup("00_preface", profile="ci", seed=0, device="cuda")
+
+
+def test_torch_func_transforms_take_the_functional_path():
+    """vmap / grad of a fixed-iteration solve equal the loop over the batch and autograd; a
+    converging solve (data-dependent stopping) is refused inside a transform, naming n_iter."""
+    from torch.func import grad, vmap
+
+    g = torch.Generator().manual_seed(3)
+    S = torch.randn(4, 5, 5, generator=g, dtype=torch.float64)
+
+    def plan(s):
+        return bs.project_dsm(s, 0.7, n_iter=30, grad="unroll").plan
+
+    P = vmap(plan)(S)
+    Q = torch.stack([plan(s) for s in S])
+    assert torch.allclose(P, Q, atol=1e-14, rtol=0)
+    G = vmap(grad(lambda s: plan(s)[1, 2]))(S)
+    for k in range(4):
+        s = S[k].clone().requires_grad_(True)
+        plan(s)[1, 2].backward()
+        assert torch.allclose(G[k], s.grad, atol=1e-14, rtol=0)
+    with pytest.raises(ValueError, match="n_iter"):
+        vmap(lambda s: bs.project_dsm(s, 1.0).plan)(S)

@@ -162,6 +162,12 @@ def _broadcast_shapes(*shapes) -> torch.Size:
     return torch.Size(out)
 
 
+def _under_functorch(*xs) -> bool:
+    """True when any tensor is wrapped by a torch.func transform (vmap, grad, jacrev, ...)."""
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return wrapped is not None and any(isinstance(x, Tensor) and wrapped(x) for x in xs)
+
+
 def _all_finite(x: Tensor) -> bool:
     """``isfinite(x).all()`` in one reduction pass: a finite sum proves every entry finite (NaN
     and inf propagate); only when the sum is not finite (or overflowed) is the full test run."""
@@ -262,6 +268,8 @@ def _validate(
         raise ValueError(f"`cost` must be non-empty; got shape {tuple(cost.shape)}")
     cdtype = _compute_dtype(cost.dtype)
     C = cost.to(cdtype)
+    # value checks are data-dependent control flow, which torch.func transforms cannot run
+    check_inputs = check_inputs and not _under_functorch(cost, a, b)
     if check_inputs:
         if allow_inf_cost:
             if not _all_finite(C) and bool((torch.isnan(C) | (C == -math.inf)).any()):
@@ -887,9 +895,17 @@ def _sinkhorn(
     else:
         e2 = e1 = ep
 
+    # Inside torch.func transforms (vmap, grad) no data-dependent Python control flow can run:
+    # the solver then takes the plain functional path (the log-domain loop, a fixed number of
+    # iterations, no zero-weight masks, no warnings) and reports its error as tensors.
+    transformed = _under_functorch(C, a_, b_, ep)
+    if transformed and n_iter is None:
+        raise ValueError("`n_iter`: inside torch.func transforms (vmap, grad) the solver cannot "
+                         "test convergence; pass a fixed n_iter (its error is still reported)")
+
     # support masks (None on the fast path where every weight is positive)
     with torch.no_grad():
-        has_zero = bool((a_ == 0).any() | (b_ == 0).any())
+        has_zero = False if transformed else bool((a_ == 0).any() | (b_ == 0).any())
     sa = (a_ > 0).expand(batch + (n,)) if has_zero else None
     sb = (b_ > 0).expand(batch + (m,)) if has_zero else None
 
@@ -897,7 +913,7 @@ def _sinkhorn(
     iters = int(n_iter) if fixed else int(max_iter)
     tensors = (C, a_, b_) + ((ep,) if isinstance(ep, Tensor) else ())
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    unrolling = grad == "unroll" and needs_grad
+    unrolling = (grad == "unroll" and needs_grad) or transformed
     implicit = grad == "implicit" and needs_grad
     if engine == "auto":
         engine = "log" if unrolling else "absorb"
@@ -912,7 +928,7 @@ def _sinkhorn(
         eg1 = eg[..., None] if isinstance(eg, Tensor) else eg
         # centring: the plan is invariant under C -> C - r ⊕ s
         inf_mask = None
-        if allow_inf_cost and unrolling and not _all_finite(Cg):
+        if allow_inf_cost and unrolling and not transformed and not _all_finite(Cg):
             inf_mask = torch.isfinite(Cg)  # masked entries: NaN-free gradients through where
         r = Cg.amin(-1)  # finite: every row keeps a finite entry
         Ct = Cg - r[..., :, None]
@@ -1000,7 +1016,7 @@ def _sinkhorn(
 
     converged = err <= tol
     errs = torch.stack(history)
-    if warn:
+    if warn and not transformed:
         eps_s = f"{ep:g}" if not isinstance(ep, Tensor) else (
             f"{float(ep.detach().flatten()[0]):g}" if ep.numel() == 1 else "per problem")
         if not fixed and not bool(converged.all()):
@@ -1083,7 +1099,8 @@ def project_dsm(logits: Tensor, tau: EpsLike = 1.0, **kw) -> SinkhornResult:
     if "a" in kw or "b" in kw:
         raise ValueError("project_dsm fixes the marginals to ones; use sinkhorn() for other marginals")
     cdtype = _compute_dtype(logits.dtype, "logits")
-    if kw.get("check_inputs", True) and not _all_finite(logits.detach()):
+    if (kw.get("check_inputs", True) and not _under_functorch(logits)
+            and not _all_finite(logits.detach())):
         with torch.no_grad():
             bad = torch.isnan(logits) | (logits == math.inf)
             if bool(bad.any()):
