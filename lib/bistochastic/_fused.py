@@ -30,13 +30,14 @@ from __future__ import annotations
 import functools
 import math
 import os
+import types
 import warnings
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["backend", "use_fused", "solve_detached", "log_block", "plan_and_error", "disable"]
+__all__ = ["backend", "use_fused", "try_solve_detached", "solve_detached", "log_block", "plan_and_error", "disable"]
 
 _FAILED = False
 
@@ -112,13 +113,17 @@ def _error_impl(Kc: Tensor, F: Tensor, G: Tensor, a: Tensor, b: Tensor) -> Tenso
     return torch.maximum(row, col) / a.sum(-1)
 
 
-def _plan_error_impl(Kc: Tensor, F: Tensor, G: Tensor, a: Tensor, b: Tensor
-                     ) -> Tuple[Tensor, Tensor]:
-    """The plan ``exp(Kc + F ⊕ G)`` and its marginal error (the formula of ``marginal_error``)."""
-    P = torch.exp(Kc + F[..., :, None] + G[..., None, :])
+def _plan_impl(Kc: Tensor, F: Tensor, G: Tensor) -> Tensor:
+    """The plan ``exp(Kc + F ⊕ G)`` in one fused pass."""
+    return torch.exp(Kc + F[..., :, None] + G[..., None, :])
+
+
+def _marginal_error_eager(P: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``bistochastic.marginal_error``'s formula, run eagerly: the reported error is bit-for-bit
+    the one a user recomputes from the returned plan (a compiled reduction sums in another order)."""
     row = (P.sum(-1) - a).abs().sum(-1)
     col = (P.sum(-2) - b).abs().sum(-1)
-    return P, torch.maximum(row, col) / a.sum(-1)
+    return torch.maximum(row, col) / a.sum(-1)
 
 
 _COMPILED = {}
@@ -131,19 +136,24 @@ def backend() -> str:
     return os.environ.get("BISTOCHASTIC_FUSED_BACKEND", "inductor")
 
 
-def _compiled(name: str):
-    key = (name, backend())
+def _compiled(name: str, x: Tensor):
+    """One compiled function per (graph, backend, device type, dtype, grad mode): each gets its own
+    code object, hence its own Dynamo cache, so that mixing dtypes or devices in one process
+    never exhausts Dynamo's per-function recompile limit (8)."""
+    key = (name, backend(), x.device.type, x.dtype, torch.is_grad_enabled())
     fn = _COMPILED.get(key)
     if fn is None:
         impl = {"block": _block_impl, "block_plain": _block_plain_impl, "error": _error_impl,
-                "plan_error": _plan_error_impl}[name]
-        fn = torch.compile(impl, fullgraph=True, dynamic=None, backend=key[1])
+                "plan": _plan_impl}[name]
+        clone = types.FunctionType(impl.__code__.replace(), impl.__globals__, impl.__name__,
+                                   impl.__defaults__, impl.__closure__)
+        fn = torch.compile(clone, fullgraph=True, dynamic=None, backend=key[1])
         _COMPILED[key] = fn
     return fn
 
 
 def _call(name: str, *args):
-    return _compiled(name)(*args)
+    return _compiled(name, args[0])(*args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,8 +175,10 @@ def log_block(Kc: Tensor, loga: Tensor, logb: Tensor, F: Tensor, G: Tensor, k: i
 
 
 def plan_and_error(Kc: Tensor, F: Tensor, G: Tensor, a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
-    """Fused plan ``exp(Kc + F ⊕ G)`` ``(..., n, m)`` and its relative L1 marginal error ``(...)``."""
-    return _call("plan_error", Kc, F, G, a, b)
+    """Fused plan ``exp(Kc + F ⊕ G)`` ``(..., n, m)`` and its relative L1 marginal error ``(...)``
+    (computed eagerly from that plan, exactly as :func:`bistochastic.marginal_error` does)."""
+    P = _call("plan", Kc, F, G)
+    return P, _marginal_error_eager(P, a.expand(P.shape[:-1]), b.expand(P.shape[:-2] + P.shape[-1:]))
 
 
 def _omega_from_rate(rate: float) -> float:
@@ -256,3 +268,13 @@ def solve_detached(
     # n_iter must agree with the final error (the check above read the same potentials)
     n_iter = torch.where((err > tol) & (n_iter < it), torch.full_like(n_iter, it), n_iter)
     return F, G, P, err, n_iter, it, history
+
+
+def try_solve_detached(*args, **kwargs):
+    """:func:`solve_detached`, or ``None`` after disabling the fused path (with one warning) if
+    compilation or the compiled code fails: the caller then runs its eager loop."""
+    try:
+        return solve_detached(*args, **kwargs)
+    except Exception as exc:  # compiler missing/broken, recompile limit, out of resources ...
+        disable(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        return None
