@@ -37,7 +37,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["backend", "use_fused", "try_solve_detached", "solve_detached", "log_block", "plan_and_error", "disable"]
+__all__ = ["backend", "use_fused", "try_solve_detached", "try_log_block", "solve_detached", "log_block", "plan_and_error", "disable"]
 
 _FAILED = False
 
@@ -276,5 +276,16 @@ def try_solve_detached(*args, **kwargs):
     try:
         return solve_detached(*args, **kwargs)
     except Exception as exc:  # compiler missing/broken, recompile limit, out of resources ...
+        disable(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        return None
+
+
+def try_log_block(Kc: Tensor, loga: Tensor, logb: Tensor, F: Tensor, G: Tensor, k: int
+                  ) -> Optional[Tuple[Tensor, Tensor]]:
+    """:func:`log_block` (plain updates, differentiable), or ``None`` after disabling the fused
+    path (one warning) if compilation fails: the caller then runs its eager block."""
+    try:
+        return log_block(Kc, loga, logb, F, G, k)
+    except Exception as exc:
         disable(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         return None
