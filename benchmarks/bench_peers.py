@@ -237,6 +237,7 @@ def main(argv=None):
                 P, its = fns[m]()
                 sync(dev)
                 res[m]["warmup_s"] = time.perf_counter() - t0
+                print(f"#   warm-up {m}: {res[m]['warmup_s']:.1f} s", file=sys.stderr, flush=True)
                 if m == "ott":
                     P = torch.tensor(jax.device_get(P).copy()).to(dev)
                     its = info["ott_its_fn"]()

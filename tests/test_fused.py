@@ -110,7 +110,7 @@ def test_tiny_batch_matches_project_dsm(dtype, atol):
     assert it == 20 and err.shape == (64,) and nit.shape == (64,)
     torch.testing.assert_close(P, ref.plan, rtol=0, atol=atol)
     torch.testing.assert_close(err, bs.marginal_error(P, one, one), rtol=0, atol=0)
-    assert torch.equal(nit, torch.where(err <= 1e-6, 20, 20))
+    assert bool((nit == 20).all())  # fixed mode: every element ran all 20 sweeps
 
 
 def test_zero_weights_support_restriction():
