@@ -15,8 +15,12 @@ reporting and gradients, and only swaps the inner loop:
 
 * :func:`solve_detached` replaces ``sinkhorn._solve_detached`` (no autograd: ``grad="none"``,
   ``"implicit"``, or no input requiring grad), dense problems and batched tiny ones alike;
-* :func:`log_block` replaces ``sinkhorn._log_block`` in the unrolled (autograd) loop; compiled with
-  AOTAutograd, its backward is fused too (the tiny-batch training shape).
+* :func:`log_block` computes ``sinkhorn._log_block`` (plain updates) differentiably; compiled with
+  AOTAutograd its backward is fused too (the tiny-batch training shape). It is NOT hooked into the
+  solver's unrolled loop: a compiled backward supports neither double backward (Hessians,
+  ``gradgradcheck``) nor ``retain_graph=True`` (donated buffers), which the eager loop supports, so
+  swapping it in silently would break working user code. Callers that need only first-order
+  gradients can use it directly.
 
 :func:`use_fused` is the dispatch test: CUDA tensors when TorchInductor can generate GPU code
 (Triton present), never inside an enclosing ``torch.compile``, and never after a failure (the
