@@ -100,6 +100,18 @@ def _block_impl(Kc: Tensor, loga: Tensor, logb: Tensor, F: Tensor, G: Tensor, om
     return F, G
 
 
+def _block_masked_impl(Kc: Tensor, loga: Tensor, logb: Tensor, F: Tensor, G: Tensor,
+                       omega: Tensor, sa: Tensor, sb: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """:func:`_block_impl` relaxed on the support only (``sa``/``sb``: positive weights), as the
+    eager solver does with zero weights (off the support the plain update, ``-inf``)."""
+    for i in range(k):
+        Fn = loga - torch.logsumexp(Kc + G[..., None, :], dim=-1)
+        F = torch.where(sa, F + omega * (Fn - F), Fn)
+        Gn = logb - torch.logsumexp(Kc + F[..., :, None], dim=-2)
+        G = Gn if i == k - 1 else torch.where(sb, G + omega * (Gn - G), Gn)
+    return F, G
+
+
 def _block_plain_impl(Kc: Tensor, loga: Tensor, logb: Tensor, F: Tensor, G: Tensor,
                       k: int) -> Tuple[Tensor, Tensor]:
     """``k`` plain iterations (no relaxation): safe with ``-inf`` potentials at zero weights."""
@@ -147,7 +159,8 @@ def _compiled(name: str, x: Tensor):
     key = (name, backend(), x.device.type, x.dtype, torch.is_grad_enabled())
     fn = _COMPILED.get(key)
     if fn is None:
-        impl = {"block": _block_impl, "block_plain": _block_plain_impl, "error": _error_impl,
+        impl = {"block": _block_impl, "block_masked": _block_masked_impl,
+                "block_plain": _block_plain_impl, "error": _error_impl,
                 "plan": _plan_impl}[name]
         clone = types.FunctionType(impl.__code__.replace(), impl.__globals__, impl.__name__,
                                    impl.__defaults__, impl.__closure__)
@@ -216,8 +229,8 @@ def solve_detached(
 
     Shapes: ``Kc (..., n, m)``, ``F0``/``loga``/``a`` ``(..., n)``, ``G0``/``logb``/``b``
     ``(..., m)`` (broadcastable to the batch of ``Kc``). ``momentum``: ``None`` (plain updates),
-    a float in [1, 2) or ``"adaptive"`` (the eager solver's rule); ignored (plain updates) when
-    ``masked`` (zero weights: relaxation of ``-inf`` potentials is undefined). Convergence checks
+    a float in [1, 2) or ``"adaptive"`` (the eager solver's rule); with ``masked`` (zero weights,
+    ``-inf`` log-marginals) the relaxation acts on the support only, as in the eager solver. Convergence checks
     read ``Kc`` once without writing the plan; the returned plan is materialised once at the end
     and ``err`` (= ``history[-1]``) is computed from that tensor. One host sync per check.
     """
@@ -228,8 +241,9 @@ def solve_detached(
     F, G = F0.expand(batch + (n,)).contiguous(), G0.expand(batch + (m,)).contiguous()
     n_iter = torch.full(batch, -1, dtype=torch.long, device=Kc.device)
     history: List[Tensor] = []
-    if masked:
-        momentum = None
+    sa = sb = None
+    if masked:  # relaxation on the support only (the eager solver's rule)
+        sa, sb = torch.isfinite(loga).expand(batch + (n,)), torch.isfinite(logb).expand(batch + (m,))
     omega = float(momentum) if isinstance(momentum, (int, float)) else 1.0
     adaptive = momentum == "adaptive"
     err_prev: Optional[float] = None
@@ -238,7 +252,11 @@ def solve_detached(
         k = min(check_every, max_iter - it)
         F_last, G_last = F, G
         check = not fixed or it + k >= max_iter
-        F, G = log_block(Kc, loga, logb, F, G, k, omega)
+        if sa is not None and omega != 1.0:
+            om = torch.tensor(float(omega), dtype=Kc.dtype, device=Kc.device)
+            F, G = _call("block_masked", Kc, loga, logb, F, G, om, sa, sb, k)
+        else:
+            F, G = log_block(Kc, loga, logb, F, G, k, omega)
         it += k
         if not check:
             continue
