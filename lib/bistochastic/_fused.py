@@ -153,10 +153,10 @@ def backend() -> str:
 
 
 def _compiled(name: str, x: Tensor):
-    """One compiled function per (graph, backend, device type, dtype, grad mode): each gets its own
+    """One compiled function per (graph, backend, device type, dtype, grad mode, rank): each its own
     code object, hence its own Dynamo cache, so that mixing dtypes or devices in one process
     never exhausts Dynamo's per-function recompile limit (8)."""
-    key = (name, backend(), x.device.type, x.dtype, torch.is_grad_enabled())
+    key = (name, backend(), x.device.type, x.dtype, torch.is_grad_enabled(), x.dim())
     fn = _COMPILED.get(key)
     if fn is None:
         impl = {"block": _block_impl, "block_masked": _block_masked_impl,
@@ -169,8 +169,16 @@ def _compiled(name: str, x: Tensor):
     return fn
 
 
+#: Recompilations allowed per compiled function (shapes, block lengths, broadcast patterns): past
+#: it, Dynamo raises and the solver falls back to its eager loop (with one warning).
+RECOMPILE_LIMIT = 64
+
+
 def _call(name: str, *args):
-    return _compiled(name, args[0])(*args)
+    fn = _compiled(name, args[0])
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
+                                    accumulated_recompile_limit=16 * RECOMPILE_LIMIT):
+        return fn(*args)
 
 
 # ----------------------------------------------------------------------------------------------
