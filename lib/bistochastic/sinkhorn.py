@@ -54,6 +54,7 @@ from typing import Literal, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from . import _fused
 from ._checks import integer_arg, nonneg_finite, positive_finite
 
 __all__ = [
@@ -915,8 +916,11 @@ def _sinkhorn(
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     unrolling = (grad == "unroll" and needs_grad) or transformed
     implicit = grad == "implicit" and needs_grad
+    # CUDA (float32/64, Triton present): the loop without autograd runs as fused compiled kernels
+    # (not the unrolled loop: compiled backwards support no double backward, e.g. Hessians)
+    fused = engine in ("auto", "log") and not unrolling and _fused.use_fused(C)
     if engine == "auto":
-        engine = "log" if unrolling else "absorb"
+        engine = "log" if (unrolling or fused) else "absorb"
     mom = None if (fixed or unrolling) else momentum
 
     with torch.set_grad_enabled(unrolling):
@@ -994,10 +998,17 @@ def _sinkhorn(
             nit = torch.where(nit < 0, torch.full_like(nit, it), nit)
         else:
             with torch.no_grad():
-                F, G, plan, err, nit, it, history = _solve_detached(
-                    L, F0, G0, tol=tol, max_iter=iters, check_every=check_every, fixed=fixed,
-                    engine=engine, momentum=mom,
-                )
+                out = None
+                if fused:
+                    out = _fused.try_solve_detached(
+                        L.Kc, L.loga, L.logb, L.a, L.b, F0, G0, tol=tol, max_iter=iters,
+                        check_every=check_every, fixed=fixed, momentum=mom, masked=sa is not None)
+                if out is None:
+                    out = _solve_detached(
+                        L, F0, G0, tol=tol, max_iter=iters, check_every=check_every, fixed=fixed,
+                        engine=engine, momentum=mom,
+                    )
+                F, G, plan, err, nit, it, history = out
         # potentials back in cost units (-inf off the support, with a NaN-free gradient there)
         if sa is not None:
             Fs = torch.where(sa, F, torch.zeros_like(F))
