@@ -98,7 +98,7 @@ test-lib: $(STAMP)
 # the library tests once more under the variant instruction set (pipeline and pin tests need not);
 # its own hypothesis example database, as it runs beside test-lib
 test-lib-variant: $(STAMP)
-	export $(NBVAL_VARIANT) HYPOTHESIS_STORAGE_DIRECTORY=_build/hypothesis-variant; $(call run_pytest,tests -m "not browser" -q -p no:cacheprovider \
+	export $(NBVAL_VARIANT) HYPOTHESIS_STORAGE_DIRECTORY=_build/hypothesis-variant TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/_build/inductor-variant; $(call run_pytest,tests -m "not browser" -q -p no:cacheprovider \
 	  --ignore=tests/test_pipeline.py --ignore=tests/test_environment_pins.py)
 
 test-pairing: $(STAMP)
