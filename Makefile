@@ -82,7 +82,7 @@ NBVAL_ARGS = --nbval $(if $(CH),$(foreach c,$(CH),$(wildcard book/$(c)_*.ipynb))
 # `test-core-install` runs them in a clean venv with `pip install .` and no extras.
 CORE_TESTS := tests/test_sinkhorn.py tests/test_birkhoff.py tests/test_spectral.py tests/test_noise.py \
 	tests/test_models.py tests/test_fixed_point.py tests/test_anneal.py tests/test_tasks.py \
-	tests/test_nn.py tests/test_nn_hyper.py tests/test_explorer.py
+	tests/test_nn.py tests/test_nn_hyper.py
 CORE_VENV  ?= _build/core-venv
 
 test: $(STAMP)

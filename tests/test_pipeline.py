@@ -258,7 +258,7 @@ def test_core_tests_import_only_the_package_and_its_runtime():
 def test_every_test_file_is_core_or_needs_the_book():
     core = {p.name for p in _core_tests()}
     book_only = {"test_pipeline.py", "test_environment_pins.py", "test_rendered_pages.py",
-                 "test_stats_book.py", "test_book_pages.py", "test_plotting.py",
+                 "test_stats_book.py", "test_book_pages.py", "test_plotting.py", "test_explorer.py",
                  "test_fused.py"}  # test_fused: torch only, but compile-heavy (run once, not twice)
     for p in sorted((ROOT / "tests").glob("test_*.py")):
         assert p.name in core or p.name in book_only, (
