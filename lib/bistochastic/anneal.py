@@ -326,6 +326,8 @@ class Scheduler:
     logger : callable ``dict -> None``, optional
         Called after every step with the step's record (see :meth:`SchedulerHistory.records`).
 
+    Notes
+    -----
     Usage follows ``torch.optim.lr_scheduler``: ``eps`` / :meth:`get_last_eps` is the value to
     use now, :meth:`step` advances once per training step, :meth:`state_dict` /
     :meth:`load_state_dict` save and resume (the probe and the logger are not saved: pass them

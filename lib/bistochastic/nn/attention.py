@@ -174,9 +174,9 @@ class SinkhornAttention(nn.Module):
     record : bool
         Keep detached copies of the last mixing matrices and scores for diagnostics.
 
-    Shapes
-    ------
-    ``forward(x (B, T, d), key_padding_mask (B, T) bool or None) -> (B, T, d)``.
+    Notes
+    -----
+    Shapes: ``forward(x (B, T, d), key_padding_mask (B, T) bool or None) -> (B, T, d)``.
     Device and dtype follow the module's parameters (move the module with the input).
     """
 

@@ -134,6 +134,8 @@ class Diagnostics:
     every : int
         Record one forward call in ``every`` (counted per hooked module).
 
+    Notes
+    -----
     Use ``with diag.paused(): ...`` around evaluation forwards you do not want recorded, call
     :meth:`record_grads` after ``loss.backward()``, and :meth:`remove` to detach every hook.
     """

@@ -67,6 +67,8 @@ class SinkhornEncoder(nn.Module):
         Passed to every :class:`SinkhornAttention` (``normalization``, ``tau``, ``logit_scale``,
         ``n_iter``, ``grad``...).
 
+    Notes
+    -----
     Shapes: ``forward(x (B, T, d_in), key_padding_mask (B, T) or None) -> (B, T, d_out)`` or
     ``(B, d_out)``. Submodules: ``embed``, ``blocks`` (the residual stream after each block),
     ``blocks[l].attn``, ``norm``, ``head``.
@@ -120,9 +122,11 @@ class Ensemble(nn.Module):
     size : int
         Number of members ``G``.
 
+    Notes
+    -----
     Training: :meth:`loss_and_grad` runs every member's forward and backward as one batched
     program (``vmap`` of ``torch.func.grad``) and fills the ``.grad`` of the stacked parameters
-    (``self.params``, ordinary ``nn.Parameter`` s of shape ``(G, *p.shape)``); any optimiser over
+    (``self.params``: ordinary parameters of shape ``(G, *p.shape)``); any optimiser over
     ``ensemble.parameters()`` then steps. Inside ``vmap`` no data-dependent Python control flow
     is allowed: Sinkhorn layers must use a fixed ``n_iter`` with ``grad="unroll"``.
     ``forward(x (G, ...))`` evaluates member by member.
