@@ -974,6 +974,8 @@ class CalibrationResult:
         resolution and a warning says to refine ``substeps``).
     n_sims : number of simulated anneals the search ran.
 
+    Notes
+    -----
     :meth:`simulate` replays the K-sweep layer along the law-saturating schedule of any slope.
     """
 
