@@ -336,6 +336,12 @@ def test_explorer_slider_changes_the_figure(scheme, param, site, driver):
     url = f"{site}/{_EXPLORER}.html" if scheme == "http" else (HTML / f"{_EXPLORER}.html").as_uri()
     driver.get_log("browser")
     driver.get(url)
+    # the explorer builds its sliders from script after load: wait for them (file:// pages can
+    # return from get() before that script has run)
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, 15).until(lambda d: d.execute_script(
+        "return document.querySelectorAll('#explorer input[type=range]').length") >= 4)
     res = driver.execute_script(_SLIDE, param)
     assert "error" not in res, res
     assert res["canvases"] >= 2, "the explorer draws a heat map and a spectrum"
