@@ -30,6 +30,25 @@ def test_theorem_index_finds_labelled_results(tmp_path):
     assert "Big one" in text and "Small" in text  # titles are listed
 
 
+def test_results_and_figures_are_numbered_per_chapter():
+    # Sphinx's book-wide numbers (no numbered toctree): figures 1-3 and propositions 1-2 in
+    # page order across three pages
+    glob = {"book/00_preface": {"figure": {"f0": (1,)}},
+            "book/03_x": {"figure": {"b": (3,), "a": (2,)}, "proposition": {"p": (1,)}},
+            "book/09b_y": {"proposition": {"q": (2,)}},
+            "book/notation": {"table": {"t": (1,)}}}
+    titles = {"book/00_preface": "Preface", "book/03_x": "3. Max entropy",
+              "book/09b_y": "9b. The trade-off", "book/notation": "Notation"}
+    out = _sphinxext.renumber_per_chapter(glob, titles)
+    assert out["book/03_x"]["figure"] == {"a": ("3", 1), "b": ("3", 2)}  # page order kept
+    assert out["book/03_x"]["proposition"] == {"p": ("3", 1)}
+    assert out["book/09b_y"]["proposition"] == {"q": ("9b", 1)}
+    assert out["book/00_preface"]["figure"] == {"f0": (1,)}  # no chapter number: no prefix
+    assert out["book/notation"]["table"] == {"t": (1,)}
+    assert _sphinxext.chapter_number("15. Sinkhorn attention") == "15"
+    assert _sphinxext.chapter_number("Conclusion") is None
+
+
 def test_module_headings_become_rubrics():
     lines = ["Intro.", "", "Conventions", "-----------", "text"]
     _sphinxext._module_headings_to_rubrics(None, "module", "m", None, None, lines)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import re
 import shutil
 import socketserver
 import tempfile
@@ -218,8 +219,13 @@ const buttons = q('a.btn, button.btn, .dropdown-launch-buttons a, .header-articl
   .map(a => (a.href || a.getAttribute('data-bs-original-title') || a.title || '') + '');
 const searches = q('.search-button-field, .search-button').filter(e => e.offsetParent !== null
   && getComputedStyle(e).display !== 'none').length;
+const h1 = art.querySelector('h1');
+const numbers = q('.caption-number', art).map(e => e.textContent.trim());
+const refs = q('a.reference.internal', art).map(a => ({href: a.getAttribute('href') || '',
+                                                        text: a.textContent.trim()}));
 return {prose: clone.innerText, scrollers: scrollers, uncaptioned: uncaptioned,
-        links: links, buttons: buttons, nimg: imgs.length, searches: searches};
+        links: links, buttons: buttons, nimg: imgs.length, searches: searches,
+        h1: h1 ? h1.textContent.trim() : '', numbers: numbers, refs: refs};
 """
 
 _CACHE: dict = {}
@@ -294,6 +300,45 @@ def test_no_console_errors(page, site, driver):
 def test_one_search_box(page, site, driver):
     info = _inspect_presentation(page, site, driver)
     assert info["searches"] == 1, f"{page}: {info['searches']} visible search boxes at 1400 px"
+
+
+_NUMBERED = re.compile(r"^(Theorem|Lemma|Proposition|Corollary|Definition|Conjecture|Remark|Example|"
+                       r"Algorithm|Exercise|Fig\.|Table)\s+(\S+)")
+_KINDS = ("Theorem", "Lemma", "Proposition", "Corollary", "Definition", "Conjecture", "Exercise")
+
+
+@pytest.mark.parametrize("page", _toc_pages())
+def test_results_and_figures_numbered_per_chapter(page, site, driver):
+    """A result or figure on a chapter page carries that chapter's number ("Theorem 3.2",
+    "Fig. 15.1"); pages without a chapter number count 1, 2, ... on their own."""
+    info = _inspect_presentation(page, site, driver)
+    m = re.match(r"^(\d+[a-z]?)\.\s", info["h1"])
+    labels = [n for n in info["numbers"] if _NUMBERED.match(n)]
+    for lab in labels:
+        num = _NUMBERED.match(lab).group(2)
+        if m:
+            assert re.fullmatch(re.escape(m.group(1)) + r"\.\d+", num), (
+                f"{page} ({info['h1'][:30]}): '{lab}' is not numbered in chapter {m.group(1)}")
+        else:
+            assert re.fullmatch(r"\d+", num), f"{page}: '{lab}' has a chapter prefix"
+    if page.startswith("book/03_"):
+        assert any(lab.startswith(("Proposition 3.", "Lemma 3.")) for lab in labels), labels
+        assert any(lab.startswith("Fig. 3.") for lab in labels), labels
+
+
+def test_index_of_results_links_numbered_results():
+    """The index of results links every result with its per-chapter number: the number's chapter
+    is the chapter of the page it links to."""
+    pytest.importorskip("selenium")
+    html = (HTML / "book" / "theorems.html")
+    if not html.exists():
+        _missing("no built index of results")
+    text = html.read_text(encoding="utf-8")
+    links = re.findall(r'<a class="reference internal" href="(\d+[a-z]?)_[^"#]*\.html#[^"]*">'
+                       r'(?:<span[^>]*>)?\s*(' + "|".join(_KINDS) + r') (\d+[a-z]?)\.(\d+)', text)
+    assert len(links) >= 20, f"index of results: only {len(links)} numbered links"
+    for stem, kind, chap, _k in links:
+        assert stem.lstrip("0") == chap or (stem == "0" and chap == "0"), (stem, kind, chap)
 
 
 def _repository_url() -> str:

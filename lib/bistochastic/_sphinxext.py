@@ -1,9 +1,14 @@
-"""Sphinx extension for the book's API appendix (loaded by Sphinx only, never by the library).
+"""Sphinx extension for the book's generated pages and numbering (loaded by Sphinx only, never by
+the library).
 
-The explorer page's marker ``<!-- explorer-data -->`` is replaced by the data of
-:func:`bistochastic.explorer.precompute`, computed at build time. The page ``book/api.md`` contains the marker ``<!-- api-modules -->``. At build time the marker is
-replaced by one ``automodule`` section per public module, read from ``bistochastic.__all__``, so a
-module added to the package appears in the reference without editing the page.
+- ``book/api.md``: the marker ``<!-- api-modules -->`` is replaced by one ``automodule`` section per
+  public module, read from ``bistochastic.__all__``, so a module added to the package appears in the
+  reference without editing the page.
+- ``book/explorer.md``: the marker ``<!-- explorer-data -->`` is replaced by the data of
+  :func:`bistochastic.explorer.precompute`, computed at build time.
+- ``book/theorems.md``: the marker ``<!-- theorem-index -->`` is replaced by the index of results.
+- Results, figures and tables are numbered per chapter ("Theorem 3.2", "Fig. 15.1"): see
+  :func:`renumber_per_chapter`.
 """
 
 from __future__ import annotations
@@ -91,6 +96,46 @@ def _source_read(app: Any, docname: str, source: list[str]) -> None:
         source[0] = source[0].replace(MARKER, api_markdown())
     if EXPLORER_MARKER in source[0]:
         source[0] = source[0].replace(EXPLORER_MARKER, explorer_markdown())
+
+
+_CHAPTER_NUMBER = re.compile(r"^(\d+[a-z]?)\.\s")
+
+
+def chapter_number(title: str) -> str | None:
+    """The number a chapter's title starts with ("9b. The trade-off" -> "9b"), or None."""
+    m = _CHAPTER_NUMBER.match(title.strip())
+    return m.group(1) if m else None
+
+
+def renumber_per_chapter(fignumbers: dict[str, dict[str, dict[str, tuple]]],
+                         titles: dict[str, str]) -> dict[str, dict[str, dict[str, tuple]]]:
+    """Per-chapter numbers for results, figures and tables: ``(chapter, k)``.
+
+    ``fignumbers`` is Sphinx's ``env.toc_fignumbers`` (docname -> type -> id -> number), numbered
+    across the whole book when the toctree is not numbered ("Proposition 17"). Each page's items of
+    one type are renumbered 1, 2, ... in their order, prefixed by the number its title starts with
+    ("Theorem 3.2", "Fig. 15.1"). The chapter titles carry their numbers by hand, so no section
+    numbers are added to the headings; pages whose title has no number (preface, conclusion,
+    appendices) number their items 1, 2, ... without a prefix."""
+    out: dict[str, dict[str, dict[str, tuple]]] = {}
+    for docname, bytype in fignumbers.items():
+        chap = chapter_number(titles.get(docname, ""))
+        out[docname] = {}
+        for figtype, ids in bytype.items():
+            order = sorted(ids, key=lambda i: ids[i])  # the global counter follows the page order
+            prefix = (chap,) if chap else ()
+            out[docname][figtype] = {i: (*prefix, k) for k, i in enumerate(order, start=1)}
+    return out
+
+
+def _number_per_chapter(app: Any, env: Any) -> list[str]:
+    """After Sphinx assigned its book-wide figure numbers (``env-get-updated``), number per
+    chapter instead; returns the pages whose numbers changed (they are rewritten)."""
+    titles = {d: t.astext() for d, t in env.titles.items()}
+    new = renumber_per_chapter(env.toc_fignumbers, titles)
+    changed = [d for d in new if new[d] != env.toc_fignumbers.get(d)]
+    env.toc_fignumbers = new
+    return changed
 
 
 def _module_headings_to_rubrics(app: Any, what: str, name: str, obj: Any, options: Any,
@@ -240,5 +285,7 @@ def benchmarks_page(readme: str) -> str:
 def setup(app: Any) -> dict:
     _register_bibliography_style()
     app.connect("source-read", _source_read)
+    # after the toctree collector (priority 500) has assigned the book-wide numbers
+    app.connect("env-get-updated", _number_per_chapter, priority=900)
     app.connect("autodoc-process-docstring", _module_headings_to_rubrics)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
