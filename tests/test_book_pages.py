@@ -71,3 +71,21 @@ def test_benchmarks_page_is_narrow():
             in_code = not in_code
         elif in_code:
             assert len(line) <= 88, line  # code blocks must not scroll sideways
+
+
+def test_phase_diagram_figure_and_caption(tmp_path):
+    from bistochastic import explorer
+
+    tp = explorer.homogeneity_phase(ns=(4, 8), taus=(0.3, 1.0, 3.0, 10.0), batch=2)
+    cp = explorer.cooling_phase(rates=(0.05, 0.3), N=6, K=5, eps_min=0.3, n_eps=4)
+    out = tmp_path / "phase.png"
+    text = _sphinxext.phase_markdown(out, tp, cp)
+    assert out.stat().st_size > 5_000
+    assert text.startswith("```{figure} " + _sphinxext.PHASE_IMAGE)
+    assert ":name: fig-conclusion-phase" in text and ":alt: " in text
+    # the caption says what each region means and names the chapters that measured them
+    for words in ("Homogeneity Trap", "outruns", "tracks it", "Chapter 4", "Chapter 12",
+                  "Chapter 13"):
+        assert words in text, words
+    conclusion = (ROOT / "book" / "17_conclusion.md").read_text()
+    assert _sphinxext.PHASE_MARKER in conclusion

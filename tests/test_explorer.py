@@ -69,3 +69,49 @@ def test_bad_input_raises():
         explorer.precompute(iters=(0,))
     with pytest.raises(ValueError, match="non-empty"):
         explorer.precompute(ns=())
+
+
+# --- phase diagrams of the conclusion ---------------------------------------------------------
+
+
+def test_homogeneity_phase_agrees_with_the_library():
+    tp = explorer.homogeneity_phase(ns=(4, 8), taus=(0.3, 1.0, 3.0), batch=3, delta=0.01)
+    assert tp.sigma2.shape == (2, 3) and tp.leff.shape == (2, 3) and tp.law_leff.shape == (2, 3)
+    # sigma_2 falls with tau at every n (the Homogeneity Trap: 3 well separated temperatures)
+    assert (np.diff(tp.sigma2, axis=1) < 0).all()
+    S = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    ref = bs.spectral.sigma2(bs.project_dsm(S, tau=1.0, tol=1e-10).plan).mean()
+    assert tp.sigma2[1, 1] == pytest.approx(float(ref), abs=2e-4)  # stored at 4 decimals
+    assert tp.leff[1, 1] == float(bs.spectral.effective_depth_constant(tp.sigma2[1, 1], 0.01))
+    assert tp.law_leff[1, 2] == pytest.approx(
+        float(bs.spectral.effective_depth_law(3.0, 8, 0.01)))
+
+
+def test_cooling_phase_agrees_with_run_schedule():
+    cp = explorer.cooling_phase(rates=(0.05, 0.3), N=6, K=5, eps_min=0.3, n_eps=4)
+    assert cp.error.shape == (2, 3) and (cp.eps > 0.3).all()
+    # faster cooling, larger error at the coldest grid point (a factor 6 in the rate)
+    assert cp.error[1, -1] > cp.error[0, -1]
+    from bistochastic import anneal
+
+    C = torch.randn(6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    T = int(np.ceil(np.log(0.3) / np.log(0.7))) + 1
+    run = anneal.run_schedule(anneal.Exponential(1.0, 0.7, 0.3), C, T, n_iter=5, warm_start=True,
+                              reference=True, norm="per_row")
+    assert cp.error[1, -1] == pytest.approx(run.value_at(cp.eps[-1] * (1 + 1e-9), "error"))
+
+
+def test_crossing_interpolates_and_reports_none():
+    x = np.array([1.0, 2.0, 4.0])
+    assert explorer.crossing(x, np.array([1.0, 2.0, 4.0]), 2.0) == pytest.approx(2.0)
+    assert explorer.crossing(x, np.array([1.0, 1.0, 4.0]), 2.0) == pytest.approx(2 ** 1.5)
+    assert explorer.crossing(x, np.array([1.0, 1.0, 1.0]), 2.0) is None
+
+
+def test_phase_inputs_are_checked():
+    with pytest.raises(ValueError, match="n must be"):
+        explorer.homogeneity_phase(ns=(1,))
+    with pytest.raises(ValueError, match="delta"):
+        explorer.homogeneity_phase(ns=(4,), taus=(1.0,), delta=2.0)
+    with pytest.raises(ValueError, match="rate"):
+        explorer.cooling_phase(rates=(1.5,))

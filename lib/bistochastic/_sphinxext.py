@@ -7,6 +7,8 @@ the library).
 - ``book/explorer.md``: the marker ``<!-- explorer-data -->`` is replaced by the data of
   :func:`bistochastic.explorer.precompute`, computed at build time.
 - ``book/theorems.md``: the marker ``<!-- theorem-index -->`` is replaced by the index of results.
+- ``book/17_conclusion.md``: the marker ``<!-- phase-diagram -->`` is replaced by the phase diagram
+  of both traps (a figure computed by :mod:`bistochastic.explorer` and its caption).
 - Results, figures and tables are numbered per chapter ("Theorem 3.2", "Fig. 15.1"): see
   :func:`renumber_per_chapter`.
 """
@@ -20,9 +22,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 MARKER = "<!-- api-modules -->"
 EXPLORER_MARKER = "<!-- explorer-data -->"
 THEOREM_MARKER = "<!-- theorem-index -->"
+PHASE_MARKER = "<!-- phase-diagram -->"
+PHASE_IMAGE = "_generated/phase_diagram.png"
 _RESULT = re.compile(r"(?:`{3,}|:{3,})\{prf:(theorem|lemma|proposition|corollary|definition|conjecture)\}"
                      r"[ \t]*([^\n]*)\n:label:[ \t]*(\S+)")
 
@@ -65,6 +71,71 @@ def explorer_markdown() -> str:
     return "```{raw} html\n<script>\n" + js + "</script>\n```\n"
 
 
+def phase_markdown(out_png: Path, trap: Any = None, cool: Any = None) -> str:
+    """Compute the phase diagrams of both traps with the library (about 20 s on one core),
+    save the figure to ``out_png`` and return a MyST figure with its numbered caption; every
+    number in the caption is read from the computed data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bistochastic import explorer
+    from bistochastic.book import round_sig
+    from bistochastic.plotting import use_style
+
+    use_style()
+    trap = trap if trap is not None else explorer.homogeneity_phase()
+    cool = cool if cool is not None else explorer.cooling_phase()
+    fig = explorer.phase_figure(trap, cool)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    g = lambda x: f"{round_sig(float(x), 3):g}"  # noqa: E731
+    big, small = int(trap.ns.max()), int(trap.ns.min())
+    # the temperature where 4 layers reach delta, at the largest and the smallest n (measured)
+    t4 = {}
+    for n in (big, small):
+        i = int(np.flatnonzero(trap.ns == n)[0])
+        leff = np.log(1 / trap.delta) / np.log(1 / np.clip(trap.sigma2[i], 1e-12, 1 - 1e-12))
+        t4[n] = explorer.crossing(trap.taus, 1 / leff, 1 / 4)  # first tau with L_eff <= 4
+    fast, slow = float(cool.rates.max()), float(cool.rates.min())
+    e_fast = explorer.crossing(cool.eps, cool.error[int(np.argmax(cool.rates))], cool.e_tol)
+    crossing_rates = [r for r, e in zip(cool.rates, cool.error) if e.max() >= cool.e_tol]
+    slow_txt = (f"at $1-\\alpha = {g(slow)}$ it stays below it down to $\\varepsilon = "
+                f"{g(cool.eps.min())}$" if min(crossing_rates, default=1) > slow else
+                f"even at $1-\\alpha = {g(slow)}$ it crosses it")
+    fast_txt = (f"at $1-\\alpha = {g(fast)}$ it crosses it at $\\varepsilon \\approx "
+                f"{g(e_fast)}$" if e_fast is not None else
+                f"even at $1-\\alpha = {g(fast)}$ it stays below it")
+    t4_txt = " and ".join(f"$\\tau \\approx {g(t4[n])}$ at $n = {n}$" for n in (small, big)
+                          if t4[n] is not None)
+    caption = (
+        f"**Where each trap binds.** Left: mean $\\sigma_2$ of one Sinkhorn layer of standard "
+        f"Gaussian logits ({trap.batch} draws per point) over temperature and size; white "
+        f"lines: where a stack of 4 or 16 such layers has shrunk every detail component by "
+        f"$\\delta = {g(trap.delta)}$ (solid: from the measured $\\sigma_2$ with the product bound "
+        f"of [Chapter 4](04_effective_depth.ipynb); dashed: its closed-form law "
+        f"$\\log(1/\\delta)/\\log(\\tau\\sqrt n/2)$). Right of a line a network of that depth "
+        f"is in the Homogeneity Trap (its detail is gone before the last layer); left of it the "
+        f"detail survives; a stack of 4 layers is trapped above {t4_txt}. "
+        f"Right: tracking error of a Sinkhorn layer with $K = {cool.K}$ warm-started sweeps per "
+        f"step ($N = {cool.N}$ Gaussian cost) under exponential cooling "
+        f"$\\varepsilon \\leftarrow \\alpha\\varepsilon$ from $\\varepsilon = 1$, against the "
+        f"temperature reached; white line: error $= {g(cool.e_tol)}$, the tolerance of "
+        f"[Chapter 13](13_eph_asc.ipynb). Above and right of it exponential cooling outruns the "
+        f"fixed point (the speed limit measured in [Chapter 12](12_speed_limit.ipynb)); below and "
+        f"left of it the layer tracks it: {slow_txt}, {fast_txt}. Both panels are computed by "
+        f"`bistochastic.explorer` when the book is built."
+    )
+    alt = ("Two heat maps. Left: sigma_2 over temperature and size, falling from 1 at low "
+           "temperature to near 0 at high temperature, with effective-depth contour lines. Right: "
+           "log tracking error over temperature and cooling rate, growing toward low temperature "
+           "and fast cooling, with the tolerance contour.")
+    return (f"```{{figure}} {PHASE_IMAGE}\n:name: fig-conclusion-phase\n:alt: {alt}\n"
+            f":width: 100%\n\n{caption}\n```\n")
+
+
 def _chapter_text(path: Path) -> str:
     if path.suffix == ".ipynb":
         cells = json.loads(path.read_text(encoding="utf-8")).get("cells", [])
@@ -94,6 +165,9 @@ def _source_read(app: Any, docname: str, source: list[str]) -> None:
         source[0] = source[0].replace(THEOREM_MARKER, theorem_index_markdown(book_dir))
     if MARKER in source[0]:
         source[0] = source[0].replace(MARKER, api_markdown())
+    if PHASE_MARKER in source[0]:
+        out = Path(app.srcdir) / Path(docname).parent / PHASE_IMAGE
+        source[0] = source[0].replace(PHASE_MARKER, phase_markdown(out))
     if EXPLORER_MARKER in source[0]:
         source[0] = source[0].replace(EXPLORER_MARKER, explorer_markdown())
 
