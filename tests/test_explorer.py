@@ -115,3 +115,45 @@ def test_phase_inputs_are_checked():
         explorer.homogeneity_phase(ns=(4,), taus=(1.0,), delta=2.0)
     with pytest.raises(ValueError, match="rate"):
         explorer.cooling_phase(rates=(1.5,))
+
+
+# --- the notebook widget ----------------------------------------------------------------------
+
+
+def test_case_matches_the_precomputed_page_data():
+    d = explorer.precompute(ns=(6,), tau_exp=(1,), scale_exp=(0,), iters=(5,))
+    c = explorer.case(6, tau=2.0, scale=1.0, n_iter=5)
+    assert d["cases"]["6"][0][0]["sigma2"] == pytest.approx(c["sigma2"], rel=1e-3)
+    assert d["cases"]["6"][0][0]["err"] == pytest.approx(c["err"], rel=1e-3)
+    with pytest.raises(ValueError, match="n_iter"):
+        explorer.case(6, 1.0, n_iter=0)
+
+
+def test_widget_sliders_recompute(monkeypatch):
+    pytest.importorskip("ipywidgets")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    box = explorer.widget(ns=(4, 8), tau_exp=(-2, 0, 2), scale_exp=(0, 1), iters=(2, 20))
+    assert set(box.controls) == {"tau", "n", "iters", "scale"}
+    before = (box.readout.value, box.state["sigma2"])
+    box.controls["tau"].value = 2  # tau = 4: much flatter
+    assert box.readout.value != before[0] and box.state["sigma2"] < before[1]
+    ref = explorer.case(box.controls["n"].value, 4.0, 1.0, box.controls["iters"].value)
+    assert box.state["sigma2"] == pytest.approx(ref["sigma2"])
+    box.controls["tau"].value = -2  # tau = 1/4: cold, two sweeps leave a visible error
+    err20 = box.state["err"]
+    box.controls["iters"].value = 2
+    assert box.state["err"] > 10 * err20  # 2 vs 20 sweeps at a cold temperature
+    assert f"{box.state['sigma2']:.4g}" in box.readout.value
+
+
+def test_library_imports_without_ipywidgets():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['ipywidgets'] = None\n"
+            "import bistochastic as bs\n"
+            "bs.explorer.case(4, 1.0)\n"
+            "try:\n    bs.explorer.widget()\nexcept ImportError as e:\n    print('IMPORTERROR', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "IMPORTERROR" in r.stdout and "pip install" in r.stdout

@@ -10,6 +10,10 @@ with the library when the book is built, and :func:`to_javascript` embeds the re
 
 Only the ratio ``s / tau`` enters the projection, so the data are stored once per ratio; the tau
 and scale grids are powers of two, so every slider pair maps onto a stored ratio exactly.
+
+In a notebook run locally, :func:`widget` gives the same explorer as ipywidgets, computing each
+setting live (:func:`case`); ipywidgets is imported only there. :func:`homogeneity_phase`,
+:func:`cooling_phase` and :func:`phase_figure` compute the conclusion's phase diagram of both traps.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from .sinkhorn import project_dsm
 
 __all__ = ["precompute", "to_javascript", "DEFAULT_NS", "DEFAULT_TAU_EXP", "DEFAULT_SCALE_EXP",
            "DEFAULT_ITERS", "TrapPhase", "CoolingPhase", "homogeneity_phase", "cooling_phase",
-           "phase_figure", "crossing", "PHASE_DELTA", "PHASE_E_TOL"]
+           "phase_figure", "crossing", "case", "widget", "PHASE_DELTA", "PHASE_E_TOL"]
 
 #: Sizes offered by the ``n`` slider.
 DEFAULT_NS = (4, 8, 16, 32)
@@ -105,6 +109,95 @@ def precompute(ns: Sequence[int] = DEFAULT_NS, tau_exp: Sequence[int] = DEFAULT_
     return {"ns": [int(n) for n in ns], "tau_exp": [int(k) for k in tau_exp],
             "scale_exp": [int(j) for j in scale_exp], "iters": [int(k) for k in iters],
             "ratio_exp": ratio_exp, "viridis": _viridis_lut(), "seed": int(seed), "cases": cases}
+
+
+def case(n: int, tau: float, scale: float = 1.0, n_iter: int = 20, seed: int = 0) -> dict[str, Any]:
+    """One explorer setting, computed now: ``Sinkhorn(exp(scale · S / tau))`` of the seeded
+    ``n × n`` Gaussian logits of :func:`precompute` (same seed rule, ``n_iter`` plain log-domain
+    sweeps). Returns ``plan`` (Tensor ``(n, n)``), ``sv`` (all singular values, Tensor), ``sigma2``
+    and ``err`` (relative L1 marginal error), as floats.
+
+    Raises:
+        ValueError: for ``n < 2``, a non-positive ``tau`` or ``scale``, or ``n_iter < 1``.
+    """
+    if int(n) != n or n < 2:
+        raise ValueError(f"case: `n` must be an integer >= 2, got {n!r}")
+    if not (tau > 0 and scale > 0):
+        raise ValueError(f"case: `tau` and `scale` must be positive, got {tau!r}, {scale!r}")
+    if int(n_iter) != n_iter or n_iter < 1:
+        raise ValueError(f"case: `n_iter` must be an integer >= 1, got {n_iter!r}")
+    g = torch.Generator().manual_seed(int(seed) + int(n))
+    S = torch.randn(int(n), int(n), generator=g, dtype=torch.float64)
+    res = project_dsm(S, tau=float(tau) / float(scale), n_iter=int(n_iter), engine="log",
+                      momentum=None)
+    sv = torch.linalg.svdvals(res.plan)
+    return {"plan": res.plan, "sv": sv, "sigma2": float(sv[1]), "err": float(res.marginal_error)}
+
+
+def widget(ns: Sequence[int] = DEFAULT_NS, tau_exp: Sequence[int] = DEFAULT_TAU_EXP,
+           scale_exp: Sequence[int] = DEFAULT_SCALE_EXP, iters: Sequence[int] = DEFAULT_ITERS,
+           seed: int = 0):
+    """The explorer as ipywidgets, for a notebook run locally: sliders for τ, n, the number of
+    sweeps and the logit scale; each move recomputes :func:`case` with the library and redraws
+    the heat map and the singular values, with σ₂ and the marginal error below.
+
+    Needs ``ipywidgets`` (the book's ``[book]`` extra pins it); the rest of the library does not.
+    Returns an ``ipywidgets.VBox``; its ``controls`` (dict of sliders), ``readout`` (HTML),
+    ``output`` (the figure) and ``state`` (the last :func:`case`) are attributes, for scripts.
+
+    Raises:
+        ImportError: without ipywidgets, with the command that installs it.
+    """
+    try:
+        import ipywidgets as w
+    except ImportError as e:  # pragma: no cover - exercised in a subprocess by the tests
+        raise ImportError(
+            "bistochastic.explorer.widget needs ipywidgets: pip install 'ipywidgets==8.1.9' (or "
+            "the book's extra: pip install -e '.[book]'); the rest of bistochastic works without "
+            "it, and the book's explorer page needs none") from e
+    import matplotlib.pyplot as plt
+
+    from .plotting import heatmap, subplots
+
+    def slider(name: str, options: list, value: Any) -> Any:
+        return w.SelectionSlider(options=options, value=value, description=name,
+                                 continuous_update=False, style={"description_width": "9em"},
+                                 layout=w.Layout(width="28em"))
+
+    controls = {
+        "tau": slider("temperature τ", [(f"{2.0 ** k:g}", k) for k in tau_exp],
+                      0 if 0 in tau_exp else tau_exp[0]),
+        "n": slider("size n", [(str(n), int(n)) for n in ns], int(ns[len(ns) // 2])),
+        "iters": slider("Sinkhorn sweeps", [(str(k), int(k)) for k in iters],
+                        20 if 20 in iters else iters[-1]),
+        "scale": slider("logit scale s", [(f"{2.0 ** j:g}", j) for j in scale_exp],
+                        0 if 0 in scale_exp else scale_exp[0]),
+    }
+    readout = w.HTML()
+    output = w.Output()
+    box = w.VBox([*controls.values(), output, readout])
+
+    def draw(*_: Any) -> None:
+        t, s = 2.0 ** controls["tau"].value, 2.0 ** controls["scale"].value
+        c = case(controls["n"].value, t, s, controls["iters"].value, seed)
+        box.state = c
+        readout.value = (f"<code>σ₂ = {c['sigma2']:.4g} &nbsp; marginal error = "
+                         f"{c['err']:.3g} &nbsp; s/τ = {s / t:g}</code>")
+        with output:
+            output.clear_output(wait=True)
+            fig, (a1, a2) = subplots(1, 2, width=6.8, height=3.0)
+            heatmap(a1, c["plan"], title="the matrix M", cbar_label="entry")
+            sv = c["sv"].numpy()
+            a2.semilogy(range(1, sv.size + 1), np.maximum(sv, 1e-16), "o-")
+            a2.set(xlabel="index k", ylabel="σ_k(M)", title="singular values")
+            plt.show()
+            plt.close(fig)
+
+    for sl in controls.values():
+        sl.observe(draw, names="value")
+    box.controls, box.readout, box.output = controls, readout, output
+    draw()
+    return box
 
 
 def to_javascript(data: dict[str, Any], name: str = "BS_EXPLORER") -> str:
