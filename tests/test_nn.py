@@ -477,3 +477,17 @@ def test_first_crossing_stay():
     assert fc(x, y, 1.0, stay=True) == pytest.approx(10 ** 2.5)
     assert fc(x[:2], [2.0, 0.0], 1.0, stay=True) == math.inf
     assert fc(x[:2], [2.0, 3.0], 1.0, stay=True) == 1.0
+
+
+def test_uniform_normalization_is_the_trap_limit():
+    att = _att(normalization="uniform")
+    x = _x()
+    y = att(x)
+    assert torch.allclose(att.last_mixing, torch.full((3, 2, 6, 6), 1 / 6, dtype=torch.float64))
+    # every token gets the same output: out_proj(mean of values)
+    assert torch.allclose(y, y[:, :1].expand_as(y), atol=1e-14)
+    mask = torch.zeros(3, 6, dtype=torch.bool)
+    mask[:, 4:] = True
+    att(x, mask)
+    M = att.last_mixing
+    assert torch.allclose(M[..., :4], torch.full_like(M[..., :4], 0.25)) and bool((M[..., 4:] == 0).all())
