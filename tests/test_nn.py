@@ -368,3 +368,126 @@ def test_train_run_shapes_and_pairing():
     s = bs.nn.train_run("softmax", "free", 2, **kw)
     assert np.isnan(s.marginal_error).all()
     np.testing.assert_allclose(s.test_loss[0], r.test_loss[0], rtol=0.5)
+
+
+# --------------------------------------------------------------------------------------------
+# the point-cloud task, the identity control, batched evaluation, first crossings
+
+
+def test_pointcloud_batch_geometry():
+    g = torch.Generator().manual_seed(0)
+    x, y = bs.nn.pointcloud_batch(600, 10, g, noise=0.0, scale=(1.0, 1.0), shift=0.0)
+    assert x.shape == (600, 10, 2) and y.shape == (600,) and y.dtype == torch.long
+    assert set(y.tolist()) == set(range(len(bs.nn.POINTCLOUD_SHAPES)))
+    r = x.norm(dim=-1)
+    names = bs.nn.POINTCLOUD_SHAPES
+    # without noise, scale and shift: circle points at radius 1; the cross on the two axes
+    # of its (rotated) frame, radius <= 1; triangle points between the inradius 1/2 and 1
+    circ = y == names.index("circle")
+    assert torch.allclose(r[circ], torch.ones_like(r[circ]), atol=1e-12)
+    tri = r[y == names.index("triangle")]
+    assert float(tri.min()) >= 0.5 - 1e-12 and float(tri.max()) <= 1 + 1e-12
+    cr = x[y == names.index("cross")]
+    assert float(cr.norm(dim=-1).max()) <= 1 + 1e-12
+    # cross points lie on two perpendicular lines through the origin: cos(angle between any
+    # two points) is 0 or +-1
+    u = cr / cr.norm(dim=-1, keepdim=True)
+    c = (u @ u.transpose(-1, -2)).abs()
+    assert bool(((c < 1e-9) | (c > 1 - 1e-9)).all())
+    # same generator state, same clouds; shift moves the centroid by N(0, I)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(bs.nn.pointcloud_batch(8, 6, g1)[0], bs.nn.pointcloud_batch(8, 6, g2)[0])
+    xs, _ = bs.nn.pointcloud_batch(4000, 6, torch.Generator().manual_seed(1), noise=0.0)
+    cent = xs.mean(1)
+    assert abs(float(cent.std()) - 1.0) < 0.1
+
+
+def test_pointcloud_batch_bad_input():
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="shapes"):
+        bs.nn.pointcloud_batch(4, 6, g, shapes=("circle",))
+    with pytest.raises(ValueError, match="shapes"):
+        bs.nn.pointcloud_batch(4, 6, g, shapes=("circle", "hexagon"))
+    with pytest.raises(ValueError, match="noise"):
+        bs.nn.pointcloud_batch(4, 6, g, noise=-1.0)
+    with pytest.raises(ValueError, match="T"):
+        bs.nn.pointcloud_batch(4, 1, g)
+
+
+def test_identity_normalization_mixes_nothing():
+    att = _att(normalization="identity")
+    x = _x()
+    y = att(x)
+    assert torch.equal(att.last_mixing, torch.eye(6, dtype=torch.float64).expand(3, 2, 6, 6))
+    # each token's output depends on its own input only
+    x2 = x.clone()
+    x2[:, 0] += 1.0
+    assert torch.allclose(att(x2)[:, 1:], y[:, 1:], atol=1e-14)
+
+
+def test_train_run_pointcloud_and_identity_control():
+    kw = dict(taus=(1.0, 10.0), seeds=(0, 1), steps=3, checkpoints=(0, 3), test_size=32,
+              probe_size=8, d_model=8, batch=4, T=6, n_iter=3, task="pointcloud")
+    r = bs.nn.train_run("sinkhorn", "free", 1, **kw)
+    acc = r.extra["test_acc"]
+    assert acc.shape == (2, 4) and ((acc >= 0) & (acc <= 1)).all()
+    # cross-entropy at initialisation is near log(number of classes)
+    assert np.all(np.abs(r.test_loss[0] - math.log(3)) < 0.5)
+    i = bs.nn.train_run("identity", "free", 1, **kw)
+    np.testing.assert_allclose(i.sigma2[:, :, 0], 1.0, atol=1e-12)  # the identity's sigma_2
+    # diagnostics=False: batched evaluation gives the same test loss as member by member
+    q = bs.nn.train_run("sinkhorn", "free", 1, diagnostics=False, **kw)
+    np.testing.assert_allclose(q.test_loss, r.test_loss, rtol=1e-10)
+    np.testing.assert_allclose(q.extra["test_acc"], acc)
+    assert np.isnan(q.sigma2).all()
+    with pytest.raises(ValueError, match="task"):
+        bs.nn.train_run("sinkhorn", "free", 1, **{**kw, "task": "nope"})
+
+
+def test_batched_forward_matches_members():
+    def make(g):
+        torch.manual_seed(g)
+        return SinkhornEncoder(1, 8, 1, layers=1, n_heads=2, n_iter=4, tau=1.0 + g).double()
+
+    ens = Ensemble(make, 3)
+    x = _x(B=2, T=5, d=1)
+    out = ens.batched_forward(x, shared_input=True)
+    for g in range(3):
+        assert torch.allclose(out[g], ens.member(g)(x), atol=1e-12)
+    assert ens.template.blocks[0].attn.record  # restored after vmap
+
+
+def test_first_crossing():
+    fc = bs.nn.first_crossing
+    assert fc([1, 10, 100], [0, 1, 2], 1.5) == pytest.approx(10 ** 1.5)
+    assert fc([1, 2, 3], [0, 1, 2], 1.5, log_x=False) == pytest.approx(2.5)
+    assert fc([1, 10], [0, 1], 5) == math.inf
+    assert fc([1, 10], [3, 4], 1) == 1.0
+    with pytest.raises(ValueError):
+        fc([10, 1], [0, 1], 0.5)
+    with pytest.raises(ValueError):
+        fc([1, 2], [0, float("nan")], 0.5)
+
+
+def test_first_crossing_stay():
+    fc = bs.nn.first_crossing
+    y = [2.0, 0.0, 0.0, 2.0, 3.0]  # an excursion at the start, then a lasting rise
+    x = [1.0, 10.0, 100.0, 1000.0, 10000.0]
+    assert fc(x, y, 1.0) == 1.0
+    assert fc(x, y, 1.0, stay=True) == pytest.approx(10 ** 2.5)
+    assert fc(x[:2], [2.0, 0.0], 1.0, stay=True) == math.inf
+    assert fc(x[:2], [2.0, 3.0], 1.0, stay=True) == 1.0
+
+
+def test_uniform_normalization_is_the_trap_limit():
+    att = _att(normalization="uniform")
+    x = _x()
+    y = att(x)
+    assert torch.allclose(att.last_mixing, torch.full((3, 2, 6, 6), 1 / 6, dtype=torch.float64))
+    # every token gets the same output: out_proj(mean of values)
+    assert torch.allclose(y, y[:, :1].expand_as(y), atol=1e-14)
+    mask = torch.zeros(3, 6, dtype=torch.bool)
+    mask[:, 4:] = True
+    att(x, mask)
+    M = att.last_mixing
+    assert torch.allclose(M[..., :4], torch.full_like(M[..., :4], 0.25)) and bool((M[..., 4:] == 0).all())

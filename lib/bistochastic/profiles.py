@@ -153,11 +153,15 @@ TABLE: Dict[str, Dict[str, Dict[str, Any]]] = {
     },
     "15_sinkhorn_attention": {
         "ci": {"T": 8, "d": 32, "heads": 2, "batch": 16, "steps": 60, "lr": 5e-3, "n_iter": 8,
-               "taus": (1.0, 10.0), "seeds": (0, 1, 2), "depths": (1, 2, 4, 8), "test_size": 256,
-               "n_checkpoints": 3},
+               "taus": (10.0,), "seeds": (0, 1, 2), "depths": (1, 2, 4), "test_size": 256,
+               "n_checkpoints": 3, "sweep_taus": (0.1, 1000.0, 9),
+               "pc_T": 12, "pc_batch": 32, "pc_steps": 120, "pc_lr": 1e-2, "pc_taus": (1.0, 10.0),
+               "pc_test": 512},
         "full": {"T": 16, "d": 64, "heads": 4, "batch": 128, "steps": 2000, "lr": 1e-3, "n_iter": 20,
-                 "taus": (1.0, 10.0), "seeds": tuple(range(10)), "depths": (1, 2, 4, 8),
-                 "test_size": 4096, "n_checkpoints": 20},
+                 "taus": (10.0,), "seeds": tuple(range(10)), "depths": (1, 2, 4, 8),
+                 "test_size": 4096, "n_checkpoints": 20, "sweep_taus": (0.1, 1000.0, 25),
+                 "pc_T": 32, "pc_batch": 128, "pc_steps": 2000, "pc_lr": 1e-3,
+                 "pc_taus": (1.0, 10.0), "pc_test": 4096},
     },
 }
 

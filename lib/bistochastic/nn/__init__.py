@@ -4,8 +4,9 @@
   frozen logit scale, key padding masks (causal masks refused, with the reason)
 * :class:`SinkhornEncoder` -- a pre-LayerNorm encoder built from it (for the training chapters),
   and :class:`Ensemble` to train several seeds of one model as one tensor program
-* :func:`train_run` -- the ranking task (:func:`ranking_batch`) trained for several seeds and
-  temperatures at once, with per-layer diagnostics at checkpoints (Chapter 15)
+* :func:`train_run` -- the ranking task (:func:`ranking_batch`) or point-cloud classification
+  (:func:`pointcloud_batch`) trained for several seeds and temperatures at once, with per-layer
+  diagnostics at checkpoints (Chapter 15)
 * :class:`Diagnostics` -- forward hooks recording per-layer σ₂, logit spread (effective
   temperature), token spread of the residual stream and gradient norms
 * :class:`HyperConnections` -- mHC residual mixing of ``n`` streams through a Sinkhorn-projected
@@ -17,7 +18,8 @@
 from .attention import CAUSAL_REFUSAL, SinkhornAttention, dsm_attention_weights
 from .diagnostics import Diagnostics, is_mixing_module, mixing_metrics, token_spread, valid_blocks
 from .encoder import Ensemble, SinkhornEncoder
-from .experiments import RunResult, no_attention_floor, ranking_batch, train_run
+from .experiments import (POINTCLOUD_SHAPES, RunResult, first_crossing, no_attention_floor,
+                          pointcloud_batch, ranking_batch, train_run)
 from .hyper import (HyperConnections, collapse_streams, depth_product, depth_product_sigma2,
                     expand_streams, identity_distance)
 from .gpt import GPT, GPTConfig, load_corpus
@@ -38,6 +40,9 @@ __all__ = [
     "no_attention_floor",
     "ranking_batch",
     "train_run",
+    "pointcloud_batch",
+    "POINTCLOUD_SHAPES",
+    "first_crossing",
     "HyperConnections",
     "collapse_streams",
     "depth_product",

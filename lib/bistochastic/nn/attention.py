@@ -35,7 +35,7 @@ from ..sinkhorn import project_dsm
 
 __all__ = ["SinkhornAttention", "dsm_attention_weights", "CAUSAL_REFUSAL"]
 
-Normalization = Literal["sinkhorn", "softmax"]
+Normalization = Literal["sinkhorn", "softmax", "identity", "uniform"]
 LogitScale = Literal["free", "qk_norm", "cosine"]
 
 CAUSAL_REFUSAL = (
@@ -154,8 +154,11 @@ class SinkhornAttention(nn.Module):
         Feature size ``d`` of the input ``(B, T, d)``.
     n_heads : int
         Number of heads ``H``; must divide ``d_model`` (head size ``d_h = d / H``).
-    normalization : {"sinkhorn", "softmax"}
-        Doubly-stochastic weights ``Sinkhorn(exp(S/τ))`` or ``rowsoftmax(S/τ)``.
+    normalization : {"sinkhorn", "softmax", "identity", "uniform"}
+        Doubly-stochastic weights ``Sinkhorn(exp(S/τ))`` or ``rowsoftmax(S/τ)``; two controls
+        without scores: ``"identity"`` (every token attends only to itself: no token
+        interaction) and ``"uniform"`` (every weight ``1/T``, over the unpadded keys: the limit
+        ``J`` of the Homogeneity Trap, ``σ₂ = 0``).
     tau : float
         Temperature ``τ > 0``. With ``logit_scale="free"`` the model can undo any ``τ`` by growing
         ``W_q, W_k``; with a frozen scale it fixes how sharp the weights can ever be.
@@ -205,8 +208,9 @@ class SinkhornAttention(nn.Module):
                 raise ValueError(f"`{name}` must be a positive integer; got {v!r}")
         if d_model % n_heads:
             raise ValueError(f"`n_heads` ({n_heads}) must divide `d_model` ({d_model})")
-        if normalization not in ("sinkhorn", "softmax"):
-            raise ValueError(f"`normalization` must be 'sinkhorn' or 'softmax'; got {normalization!r}")
+        if normalization not in ("sinkhorn", "softmax", "identity", "uniform"):
+            raise ValueError("`normalization` must be 'sinkhorn', 'softmax', 'identity' or "
+                             f"'uniform'; got {normalization!r}")
         if logit_scale not in ("free", "qk_norm", "cosine"):
             raise ValueError(f"`logit_scale` must be 'free', 'qk_norm' or 'cosine'; got {logit_scale!r}")
         if grad not in ("unroll", "implicit", "none"):
@@ -279,6 +283,16 @@ class SinkhornAttention(nn.Module):
 
     def _mixing(self, S: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
         B, H, T, _ = S.shape
+        if self.normalization == "identity":
+            _check_mask(mask, B, T, S.device)
+            eye = torch.eye(T, dtype=S.dtype, device=S.device)
+            return eye.expand(B, H, T, T), None
+        if self.normalization == "uniform":
+            m = _check_mask(mask, B, T, S.device)
+            if m is None:
+                return torch.full_like(S, 1.0 / T), None
+            w = (~m).to(S.dtype)[:, None, None, :]  # (B, 1, 1, T)
+            return (w / w.sum(-1, keepdim=True)).expand(B, H, T, T), None
         Z = S / self.tau_.to(S.dtype)
         if self.normalization == "softmax":
             m = _check_mask(mask, B, T, S.device)

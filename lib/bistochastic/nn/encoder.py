@@ -189,6 +189,30 @@ class Ensemble(nn.Module):
             prm.grad = grads[k] if prm.grad is None else prm.grad + grads[k]
         return loss.detach(), out.detach()
 
+    @torch.no_grad()
+    def batched_forward(self, x: Tensor, shared_input: bool = False) -> Tensor:
+        """Outputs of every member ``(G, ...)`` as one batched program (``vmap``, no gradients).
+
+        ``x`` is ``(G, ...)``, or shared by all members with ``shared_input=True``. The modules'
+        ``record`` flags are off inside (no diagnostics); use :meth:`member` for those.
+        """
+        params, buffers = self._state()
+        model = self.template
+        recorders = [m for m in model.modules() if hasattr(m, "record")]
+        saved = [m.record for m in recorders]
+        for m in recorders:
+            m.record = False
+
+        def one(p, b, xx):
+            return torch.func.functional_call(model, (p, b), (xx,))
+
+        try:
+            return torch.func.vmap(one, in_dims=(0, 0, None if shared_input else 0))(
+                {k: p.detach() for k, p in params.items()}, buffers, x)
+        finally:
+            for m, r in zip(recorders, saved):
+                m.record = r
+
     def forward(self, x: Tensor, *args, shared_input: bool = False) -> Tensor:
         """Outputs of every member, ``(G, ...)``, computed member by member (ordinary modules,
         so any forward works, with or without gradients; use it for evaluation)."""
