@@ -457,28 +457,6 @@ def test_batched_forward_matches_members():
     assert ens.template.blocks[0].attn.record  # restored after vmap
 
 
-def test_first_crossing():
-    fc = bs.nn.first_crossing
-    assert fc([1, 10, 100], [0, 1, 2], 1.5) == pytest.approx(10 ** 1.5)
-    assert fc([1, 2, 3], [0, 1, 2], 1.5, log_x=False) == pytest.approx(2.5)
-    assert fc([1, 10], [0, 1], 5) == math.inf
-    assert fc([1, 10], [3, 4], 1) == 1.0
-    with pytest.raises(ValueError):
-        fc([10, 1], [0, 1], 0.5)
-    with pytest.raises(ValueError):
-        fc([1, 2], [0, float("nan")], 0.5)
-
-
-def test_first_crossing_stay():
-    fc = bs.nn.first_crossing
-    y = [2.0, 0.0, 0.0, 2.0, 3.0]  # an excursion at the start, then a lasting rise
-    x = [1.0, 10.0, 100.0, 1000.0, 10000.0]
-    assert fc(x, y, 1.0) == 1.0
-    assert fc(x, y, 1.0, stay=True) == pytest.approx(10 ** 2.5)
-    assert fc(x[:2], [2.0, 0.0], 1.0, stay=True) == math.inf
-    assert fc(x[:2], [2.0, 3.0], 1.0, stay=True) == 1.0
-
-
 def test_uniform_normalization_is_the_trap_limit():
     att = _att(normalization="uniform")
     x = _x()

@@ -82,3 +82,35 @@ def test_table_rounds_and_renders_markdown():
     assert md.data.splitlines() == ["| rule | acc |", "|---|---|", "| EPH-ASC | 0.912 |", "| linear | 0.9 |"]
     with pytest.raises(ValueError, match="rows"):
         table([])
+
+
+def test_first_crossing():
+    fc = bs.stats.first_crossing
+    assert fc([1, 10, 100], [0, 1, 2], 1.5) == pytest.approx(10 ** 1.5)
+    assert fc([1, 2, 3], [0, 1, 2], 1.5, log_x=False) == pytest.approx(2.5)
+    assert fc([1, 10], [0, 1], 5) == math.inf
+    assert fc([1, 10], [3, 4], 1) == 1.0
+    with pytest.raises(ValueError):
+        fc([10, 1], [0, 1], 0.5)
+    with pytest.raises(ValueError):
+        fc([1, 2], [0, float("nan")], 0.5)
+
+
+def test_first_crossing_stay():
+    fc = bs.stats.first_crossing
+    y = [2.0, 0.0, 0.0, 2.0, 3.0]  # an excursion at the start, then a lasting rise
+    x = [1.0, 10.0, 100.0, 1000.0, 10000.0]
+    assert fc(x, y, 1.0) == 1.0
+    assert fc(x, y, 1.0, stay=True) == pytest.approx(10 ** 2.5)
+    assert fc(x[:2], [2.0, 0.0], 1.0, stay=True) == math.inf
+    assert fc(x[:2], [2.0, 3.0], 1.0, stay=True) == 1.0
+
+
+def test_first_crossing_down_mirrors_up():
+    fc = bs.stats.first_crossing
+    x, y = [0.1, 1.0, 10.0, 100.0], [0.9, 0.8, 0.3, 0.1]
+    assert fc(x, y, 0.5, direction="down") == pytest.approx(10 ** 0.6)
+    assert fc(x, y, 0.5, direction="down") == fc(x, [-v for v in y], -0.5)
+    assert fc(x, y, 0.05, direction="down") == math.inf
+    with pytest.raises(ValueError, match="direction"):
+        fc(x, y, 0.5, direction="sideways")

@@ -7,12 +7,13 @@ fixed before the run. These helpers are the one implementation the chapters use.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence, Union
 
 import numpy as np
 
-__all__ = ["Interval", "mean_ci", "paired_ci", "TOSTResult", "tost"]
+__all__ = ["Interval", "mean_ci", "paired_ci", "TOSTResult", "tost", "first_crossing"]
 
 ArrayLike = Union[Sequence[float], np.ndarray]
 
@@ -123,3 +124,62 @@ def tost(x: ArrayLike, y: ArrayLike, margin: float, alpha: float = 0.05,
     n_eff = int(a.size)
     diff = Interval(mean=m, lo=m - h, hi=m + h, n=n_eff, level=1.0 - 2.0 * alpha)
     return TOSTResult(diff=diff, margin=float(margin), alpha=float(alpha), p=float(p))
+
+
+def first_crossing(x: ArrayLike, y: ArrayLike, level: float, *, direction: str = "up",
+                   log_x: bool = True, stay: bool = False) -> float:
+    """The first ``x`` at which the curve ``y(x)`` passes ``level``, interpolated.
+
+    How the book locates a threshold from a sweep (a critical temperature, a margin) instead of
+    reading it off a coarse grid.
+
+    Parameters
+    ----------
+    x : (K,) increasing sweep points (positive when ``log_x``).
+    y : (K,) the measured curve at ``x`` (one seed; call once per seed and put an interval over
+        the seeds' crossings).
+    level : the level, fixed before the sweep is run.
+    direction : ``"up"`` (first rise above ``level``) or ``"down"`` (first fall below it).
+    log_x : interpolate linearly in ``log x`` (a log-spaced sweep) rather than in ``x``.
+    stay : the crossing after which ``y`` stays past ``level`` at every larger sweep point (a
+        threshold beyond which the effect persists; an excursion followed by a return does not
+        count).
+
+    Returns
+    -------
+    The interpolated crossing between the last sweep point not past ``level`` and the first one
+    past it; ``x[0]`` if the curve is past ``level`` from the first point on (left-censored) and
+    ``inf`` if it does not end past it (right-censored: the crossing, if any, lies beyond
+    ``x[-1]``).
+    """
+    if direction not in ("up", "down"):
+        raise ValueError(f"direction: expected 'up' or 'down', got {direction!r}")
+    xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if xa.ndim != 1 or xa.shape != ya.shape or xa.size < 2:
+        raise ValueError("x, y: expected 1-D sequences of equal length >= 2")
+    if not np.all(np.diff(xa) > 0) or (log_x and xa[0] <= 0):
+        raise ValueError("x: expected increasing sweep points (positive with log_x)")
+    if not np.isfinite(ya).all():
+        raise ValueError("y: expected finite values")
+    if not math.isfinite(level):
+        raise ValueError(f"level: expected a finite number, got {level!r}")
+    if direction == "down":
+        ya, level = -ya, -level
+    if stay:
+        below = np.nonzero(ya <= level)[0]
+        if below.size == 0:
+            return float(xa[0])
+        k = int(below[-1]) + 1
+        if k == xa.size:
+            return math.inf
+    else:
+        above = np.nonzero(ya > level)[0]
+        if above.size == 0:
+            return math.inf
+        k = int(above[0])
+    if k == 0:
+        return float(xa[0])
+    u = np.log(xa) if log_x else xa
+    t = (level - ya[k - 1]) / (ya[k] - ya[k - 1])
+    v = u[k - 1] + t * (u[k] - u[k - 1])
+    return float(np.exp(v) if log_x else v)

@@ -18,7 +18,7 @@
 from .attention import CAUSAL_REFUSAL, SinkhornAttention, dsm_attention_weights
 from .diagnostics import Diagnostics, is_mixing_module, mixing_metrics, token_spread, valid_blocks
 from .encoder import Ensemble, SinkhornEncoder
-from .experiments import (POINTCLOUD_SHAPES, RunResult, first_crossing, no_attention_floor,
+from .experiments import (POINTCLOUD_SHAPES, RunResult, no_attention_floor,
                           pointcloud_batch, ranking_batch, train_run)
 from .hyper import (HyperConnections, collapse_streams, depth_product, depth_product_sigma2,
                     expand_streams, identity_distance)
@@ -42,7 +42,6 @@ __all__ = [
     "train_run",
     "pointcloud_batch",
     "POINTCLOUD_SHAPES",
-    "first_crossing",
     "HyperConnections",
     "collapse_streams",
     "depth_product",

@@ -34,7 +34,7 @@ from .diagnostics import Diagnostics
 from .encoder import Ensemble, SinkhornEncoder
 
 __all__ = ["ranking_batch", "RunResult", "train_run", "no_attention_floor", "pointcloud_batch",
-           "POINTCLOUD_SHAPES", "TASKS", "first_crossing"]
+           "POINTCLOUD_SHAPES", "TASKS"]
 
 TASKS = ("ranking", "pointcloud")
 
@@ -116,45 +116,6 @@ def pointcloud_batch(n: int, T: int, generator: torch.Generator,
     eps = noise * torch.randn(n, T, 2, generator=generator, dtype=f64)
     x = fac * (x @ R.transpose(-1, -2) + eps) + off
     return x.to(dtype), y
-
-
-def first_crossing(x: Sequence[float], y: Sequence[float], level: float, *,
-                   log_x: bool = True, stay: bool = False) -> float:
-    """The first ``x`` at which the curve ``y(x)`` rises above ``level``, interpolated.
-
-    ``x`` increasing, ``y`` sampled at ``x``. Between the last grid point at or below ``level``
-    and the first one above it, the crossing is interpolated linearly in ``log x`` (``log_x``)
-    or ``x``. With ``stay=True`` the crossing after which ``y`` stays above ``level`` at every
-    larger grid point (a threshold beyond which the effect persists; an excursion above the
-    level followed by a return below it does not count). Returns ``x[0]`` if the curve is above
-    ``level`` from the first point on (left-censored) and ``inf`` if it does not end above
-    ``level`` (right-censored: the crossing, if any, lies beyond ``x[-1]``).
-    """
-    xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if xa.ndim != 1 or xa.shape != ya.shape or xa.size < 2:
-        raise ValueError("`x` and `y` must be 1-D of equal length >= 2")
-    if not np.all(np.diff(xa) > 0) or (log_x and xa[0] <= 0):
-        raise ValueError("`x` must be increasing (and positive with `log_x`)")
-    if not np.isfinite(ya).all() or not math.isfinite(level):
-        raise ValueError("`y` and `level` must be finite")
-    if stay:
-        below = np.nonzero(ya <= level)[0]
-        if below.size == 0:
-            return float(xa[0])
-        k = int(below[-1]) + 1
-        if k == xa.size:
-            return math.inf
-    else:
-        above = np.nonzero(ya > level)[0]
-        if above.size == 0:
-            return math.inf
-        k = int(above[0])
-    if k == 0:
-        return float(xa[0])
-    u = np.log(xa) if log_x else xa
-    t = (level - ya[k - 1]) / (ya[k] - ya[k - 1])
-    v = u[k - 1] + t * (u[k] - u[k - 1])
-    return float(np.exp(v) if log_x else v)
 
 
 def no_attention_floor(T: int) -> float:
