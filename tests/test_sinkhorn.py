@@ -811,3 +811,72 @@ def test_small_matrix_runs_on_one_thread_and_restores_the_setting():
             sk._solve_detached = real
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("shape", [(300, 4, 4), (1, 2, 2), (3, 50, 3, 5), (70, 16, 16),
+                                   (2, 129, 8, 8), (2, 700, 3, 3)])
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_planar_tiny_batch_matches_the_general_engine(monkeypatch, shape, dtype):
+    """The planar fixed-iteration loop for batches of tiny matrices (chunked: 1 KiB chunks force
+    several chunks and a remainder) returns the general engine's plan and potentials to
+    round-off, reports its own plan's error, and leaves the input untouched (2 x 700 = 1400
+    matrices: a chunk of 1024 and a remainder)."""
+    g = _gen(11)
+    logits = torch.randn(shape, generator=g, dtype=F64).to(dtype) * 2
+    n, m = shape[-2], shape[-1]
+    a = torch.rand(shape[:-1], generator=g, dtype=F64).to(dtype) + 0.5
+    b = torch.rand(shape[:-2] + (m,), generator=g, dtype=F64).to(dtype) + 0.5
+    b = b / b.sum(-1, keepdim=True) * a.sum(-1, keepdim=True)
+    keep = logits.clone()
+    calls = []
+    real = sk._planar_solve
+
+    def spy(*args, **kw):
+        out = real(*args, **kw)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(sk, "_planar_solve", spy)
+    monkeypatch.setattr(sk, "_PLANAR_CHUNK_BYTES", 1024)
+    new = bs.sinkhorn(-logits, 0.7, a, b, n_iter=20)
+    assert calls == [True]
+    monkeypatch.setattr(sk, "_PLANAR_MAX", 0)
+    ref = bs.sinkhorn(-logits, 0.7, a, b, n_iter=20)
+    assert torch.equal(logits, keep)
+    tol = dict(atol=1e-12, rtol=1e-10) if dtype == F64 else dict(atol=2e-6, rtol=1e-4)
+    torch.testing.assert_close(new.plan, ref.plan, **tol)
+    torch.testing.assert_close(new.f, ref.f, **tol)
+    torch.testing.assert_close(new.g - new.g.mean(-1, keepdim=True),
+                               ref.g - ref.g.mean(-1, keepdim=True), **tol)
+    assert new.plan.is_contiguous() and new.plan.shape == shape
+    assert new.iterations == 20 and bool((new.n_iter == 20).all())
+    _assert_honest(new, a, b)
+
+
+def test_planar_tiny_batch_falls_back_when_a_scaling_leaves_the_safe_range(monkeypatch):
+    """A temperature so low that the scalings leave [e^-τ, e^τ] in float32: the planar loop
+    declines and the general engine (absorption, log-domain fallback) returns a finite plan
+    whose report is honest."""
+    g = _gen(12)
+    logits = torch.randn(64, 4, 4, generator=g) * 50
+    calls = []
+    real = sk._planar_solve
+    monkeypatch.setattr(sk, "_planar_solve",
+                        lambda *a, **k: calls.append(real(*a, **k)) or calls[-1])
+    res = bs.project_dsm(logits, 0.05, n_iter=20, warn=False)
+    assert calls == [None]
+    _assert_honest(res, torch.ones(4), torch.ones(4))
+
+
+def test_planar_tiny_batch_implicit_gradient_matches_the_general_engine(monkeypatch):
+    """grad="implicit" on the planar path: the same gradient as through the general engine."""
+    g = _gen(13)
+    logits = torch.randn(50, 4, 4, generator=g, dtype=F64)
+    W = torch.randn(50, 4, 4, generator=g, dtype=F64)
+    grads = []
+    for pm in (16, 0):
+        monkeypatch.setattr(sk, "_PLANAR_MAX", pm)
+        x = logits.clone().requires_grad_()
+        (bs.project_dsm(x, 1.0, n_iter=30, grad="implicit").plan * W).sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-10, rtol=1e-8)

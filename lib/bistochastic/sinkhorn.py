@@ -700,6 +700,71 @@ def _absorb_solve(
     return F, G, P, err, n_iter, it, history
 
 
+#: Batched matrices up to this size take the planar fixed-iteration loop on the CPU.
+_PLANAR_MAX = 16
+#: Bytes of kernel per chunk of the batch in the planar loop (0: the whole batch at once).
+_PLANAR_CHUNK_BYTES = 512 * 1024
+
+
+def _planar_solve(C: Tensor, a: Tensor, b: Tensor, eps: float, iters: int):
+    """Fixed-iteration scaling loop for a batch of tiny matrices ``C (..., n, m)`` (the mHC
+    shape) in a planar layout ``(n, m, batch)``: every step is a fused multiply-add over
+    contiguous batch-long rows (``n`` or ``m`` of them per matrix-vector product) instead of a
+    batched GEMV per tiny matrix, and the centring, kernel and plan are built in place in that
+    layout. Same sweeps as the scaling engine in fixed mode (exact row update from the kernel
+    ``exp(-(C - r)/ε)``, ``r`` the row minima, then column, row, ... updates); the plan
+    ``u K v`` is materialised once and its error computed from it.
+
+    Returns ``(f, g, plan, err, n_iter, iterations, history)`` in cost units, or ``None`` when a
+    scaling left ``[e^-τ, e^τ]`` or is not finite (the caller then runs the general engine,
+    which absorbs and falls back to the log domain).
+    """
+    shape = C.shape
+    batch, n, m = shape[:-2], shape[-2], shape[-1]
+    Bt = C.numel() // (n * m)
+    tau = 0.25 * math.log(torch.finfo(C.dtype).max)
+    Ep = torch.empty((n, m, Bt), dtype=C.dtype, device=C.device)  # our own copy, (n, m, Bt)
+    Ep.copy_(C.reshape(Bt, n, m).permute(1, 2, 0))
+    r = Ep.amin(1)  # (n, Bt)
+    Ep.sub_(r[:, None]).mul_(-1.0 / eps).exp_()  # rows with maximum one
+    ap = a.expand(batch + (n,)).reshape(Bt, n).t()
+    bp = b.expand(batch + (m,)).reshape(Bt, m).t()
+    u = torch.div(ap, Ep.sum(1))  # (n, Bt): exact row update
+    v = torch.empty(m, Bt, dtype=C.dtype, device=C.device)
+    s_ = torch.empty(n, Bt, dtype=C.dtype, device=C.device)
+    t_ = torch.empty(m, Bt, dtype=C.dtype, device=C.device)
+    # chunks of the batch small enough for all sweeps to run from cache
+    step = max(1024, _PLANAR_CHUNK_BYTES // (n * m * C.element_size())) if _PLANAR_CHUNK_BYTES else Bt
+    for c0 in range(0, Bt, step):
+        c1 = min(c0 + step, Bt)
+        E_, u_, v_, s__, t__ = Ep[..., c0:c1], u[:, c0:c1], v[:, c0:c1], s_[:, c0:c1], t_[:, c0:c1]
+        a_, b_ = ap[:, c0:c1], bp[:, c0:c1]
+        cols = [(E_[:, j], v_[j]) for j in range(m)]  # views, made once
+        rows = [(E_[i], u_[i]) for i in range(n)]
+        for it in range(iters):
+            if it > 0:
+                torch.mul(cols[0][0], cols[0][1], out=s__)
+                for Ej, vj in cols[1:]:
+                    s__.addcmul_(Ej, vj)
+                torch.div(a_, s__, out=u_)
+            torch.mul(rows[0][0], rows[0][1], out=t__)
+            for Ei, ui in rows[1:]:
+                t__.addcmul_(Ei, ui)
+            torch.div(b_, t__, out=v_)
+    lu, lv = torch.log(u), torch.log(v)
+    if not bool(torch.isfinite(lu).all() & torch.isfinite(lv).all()
+                & (lu.abs().amax() <= tau) & (lv.abs().amax() <= tau)):
+        return None
+    P = Ep.mul_(u[:, None]).mul_(v[None])  # the kernel becomes the plan
+    err = torch.maximum((P.sum(1) - ap).abs().sum(0), (P.sum(0) - bp).abs().sum(0))
+    err = (err / ap.sum(0)).reshape(batch)
+    plan = P.permute(2, 0, 1).reshape(shape).contiguous()
+    f = lu.mul_(eps).add_(r).t().reshape(batch + (n,))
+    g = lv.mul_(eps).t().reshape(batch + (m,))
+    n_iter = torch.full(batch, iters, dtype=torch.long, device=C.device)
+    return f, g, plan, err, n_iter, iters, [err]
+
+
 def _solve_detached(
     L: _Loop,
     F0: Tensor,
@@ -1065,110 +1130,119 @@ def _sinkhorn(
         inf_mask = None
         if allow_inf_cost and unrolling and not transformed and not _all_finite(Cg):
             inf_mask = torch.isfinite(Cg)  # masked entries: NaN-free gradients through where
-        r = Cg.amin(-1)  # finite: every row keeps a finite entry
-        Ct = Cg - r[..., :, None]
-        E0 = None
-        L = None
-        if (engine == "absorb" and init is None and inf_mask is None and not unrolling
-                and not isinstance(eg2, Tensor) and Ct.dim() == 2):
-            # One large matrix, scaling engine: its first kernel exp(-(C - r)/eps) is built in
-            # place (rows with maximum one exactly: the row minimum of C - r is 0), no column
-            # centring (s = 0: the columns are centred by the first column update, which
-            # starts from g = 0), and no allocation beyond this kernel; the centred cost
-            # -(C - r)/eps is rebuilt from C only if the solve needs it (absorption, fallback).
-            s = torch.zeros(batch + (m,), dtype=Ct.dtype, device=Ct.device)
-            E0 = Ct.mul_(-1.0 / eg2).exp_()
-
-            def Kc(Cg=Cg, r=r, eg2=eg2):
-                return torch.sub(Cg, r[..., :, None]).mul_(-1.0 / eg2)
-
-            L = _Loop(Kc, a_g, b_g, sa, sb, shape=E0.shape)
+        tiny = None
+        if (engine == "absorb" and fixed and not unrolling and init is None and sa is None
+                and not isinstance(eg, Tensor) and C.dim() >= 3 and max(n, m) <= _PLANAR_MAX
+                and C.device.type == "cpu"):
+            with torch.no_grad():
+                tiny = _planar_solve(Cg, a_g, b_g, eg, iters)
+        if tiny is not None:
+            f, g, plan, err, nit, it, history = tiny
         else:
-            s = Ct.amin(-2)
-        if L is not None:
-            pass
-        elif inf_mask is not None:
-            Ct = Ct - s[..., None, :]
-            Ct0 = torch.where(inf_mask, Ct, torch.zeros_like(Ct))
-            Kc = torch.where(inf_mask, Ct0 / (-eg2), torch.full_like(Ct, -math.inf))
-        elif unrolling or isinstance(eg2, Tensor):
-            Kc = (Ct - s[..., None, :]) / (-eg2)
-        else:
-            if engine == "absorb" and init is None:
-                # the first kernel of the scaling engine, exp(-(C - r)/eps): its rows have
-                # maximum one exactly (the row minimum of C - r is 0), no max pass needed
-                E0 = torch.mul(Ct, -1.0 / eg2).exp_()
+            r = Cg.amin(-1)  # finite: every row keeps a finite entry
+            Ct = Cg - r[..., :, None]
+            E0 = None
+            L = None
+            if (engine == "absorb" and init is None and inf_mask is None and not unrolling
+                    and not isinstance(eg2, Tensor)):
+                # Scaling engine: its first kernel exp(-(C - r)/eps) is built in
+                # place (rows with maximum one exactly: the row minimum of C - r is 0), no column
+                # centring (s = 0: the columns are centred by the first column update, which
+                # starts from g = 0), and no allocation beyond this kernel; the centred cost
+                # -(C - r)/eps is rebuilt from C only if the solve needs it (absorption, fallback).
+                s = torch.zeros(batch + (m,), dtype=Ct.dtype, device=Ct.device)
+                E0 = Ct.mul_(-1.0 / eg2).exp_()
 
-            # Kc = -(Ct - s)/eps in place, one pass
-            Kc = torch.add(s[..., None, :] / eg2, Ct, alpha=-1.0 / eg2, out=Ct)
-        if L is None:
-            L = _Loop(Kc, a_g, b_g, sa, sb)
-        L.E0 = E0
+                def Kc(Cg=Cg, r=r, eg2=eg2):
+                    return torch.sub(Cg, r[..., :, None]).mul_(-1.0 / eg2)
 
-        # starting potentials (units of eps, centred coordinates): the uncentred iterates
-        if init is not None:
-            F0, G0 = _init_potentials(init, C, batch, n, m, check_inputs)
-            # (r, s, eps are detached unless unrolling: then these are exactly the iterates of
-            # the uncentred problem, and so are their derivatives)
-            F0 = (F0 - r) / eg1
-            G0 = (G0 - s) / eg1
-            F0 = torch.where(torch.isfinite(F0), F0, torch.zeros_like(F0))
-            G0 = torch.where(torch.isfinite(G0), G0, torch.zeros_like(G0))
-        else:
-            F0 = torch.zeros(batch + (n,), dtype=C.dtype, device=C.device)
-            G0 = (s / (-eg1)).expand(batch + (m,))
-        if sb is not None:  # columns with zero weight carry no mass from the first row update on
-            G0 = torch.where(sb, G0, torch.full_like(G0, -math.inf))
+                L = _Loop(Kc, a_g, b_g, sa, sb, shape=E0.shape)
+            else:
+                s = Ct.amin(-2)
+            if L is not None:
+                pass
+            elif inf_mask is not None:
+                Ct = Ct - s[..., None, :]
+                Ct0 = torch.where(inf_mask, Ct, torch.zeros_like(Ct))
+                Kc = torch.where(inf_mask, Ct0 / (-eg2), torch.full_like(Ct, -math.inf))
+            elif unrolling or isinstance(eg2, Tensor):
+                Kc = (Ct - s[..., None, :]) / (-eg2)
+            else:
+                if engine == "absorb" and init is None:
+                    # the first kernel of the scaling engine, exp(-(C - r)/eps): its rows have
+                    # maximum one exactly (the row minimum of C - r is 0), no max pass needed
+                    E0 = torch.mul(Ct, -1.0 / eg2).exp_()
 
-        if unrolling:
-            F, G = F0, G0
-            history = []
-            nit = torch.full(batch, -1, dtype=torch.long, device=C.device)
-            it = 0
-            while it < iters:
-                k = min(check_every, iters - it)
-                F, G = _log_block(L, F, G, k, 1.0)
-                it += k
-                if fixed and it < iters:
-                    continue
-                if fixed or it >= iters:
-                    break  # the final plan is checked below
+                # Kc = -(Ct - s)/eps in place, one pass
+                Kc = torch.add(s[..., None, :] / eg2, Ct, alpha=-1.0 / eg2, out=Ct)
+            if L is None:
+                L = _Loop(Kc, a_g, b_g, sa, sb)
+            L.E0 = E0
+
+            # starting potentials (units of eps, centred coordinates): the uncentred iterates
+            if init is not None:
+                F0, G0 = _init_potentials(init, C, batch, n, m, check_inputs)
+                # (r, s, eps are detached unless unrolling: then these are exactly the iterates of
+                # the uncentred problem, and so are their derivatives)
+                F0 = (F0 - r) / eg1
+                G0 = (G0 - s) / eg1
+                F0 = torch.where(torch.isfinite(F0), F0, torch.zeros_like(F0))
+                G0 = torch.where(torch.isfinite(G0), G0, torch.zeros_like(G0))
+            else:
+                F0 = torch.zeros(batch + (n,), dtype=C.dtype, device=C.device)
+                G0 = (s / (-eg1)).expand(batch + (m,))
+            if sb is not None:  # columns with zero weight carry no mass from the first row update on
+                G0 = torch.where(sb, G0, torch.full_like(G0, -math.inf))
+
+            if unrolling:
+                F, G = F0, G0
+                history = []
+                nit = torch.full(batch, -1, dtype=torch.long, device=C.device)
+                it = 0
+                while it < iters:
+                    k = min(check_every, iters - it)
+                    F, G = _log_block(L, F, G, k, 1.0)
+                    it += k
+                    if fixed and it < iters:
+                        continue
+                    if fixed or it >= iters:
+                        break  # the final plan is checked below
+                    with torch.no_grad():
+                        err = L.error(L.plan(F, G))
+                    history.append(err)
+                    nit = torch.where((err <= tol) & (nit < 0), torch.full_like(nit, it), nit)
+                    if bool((nit >= 0).all()):
+                        history.pop()  # re-checked below on the returned plan
+                        break
+                plan = L.plan(F, G)
                 with torch.no_grad():
-                    err = L.error(L.plan(F, G))
+                    err = L.error(plan.detach())
                 history.append(err)
                 nit = torch.where((err <= tol) & (nit < 0), torch.full_like(nit, it), nit)
-                if bool((nit >= 0).all()):
-                    history.pop()  # re-checked below on the returned plan
-                    break
-            plan = L.plan(F, G)
-            with torch.no_grad():
-                err = L.error(plan.detach())
-            history.append(err)
-            nit = torch.where((err <= tol) & (nit < 0), torch.full_like(nit, it), nit)
-            nit = torch.where(nit < 0, torch.full_like(nit, it), nit)
-        else:
-            with torch.no_grad():
-                out = None
-                if fused:
-                    out = _fused.try_solve_detached(
-                        L.Kc, L.loga, L.logb, L.a, L.b, F0, G0, tol=tol, max_iter=iters,
-                        check_every=check_every, fixed=fixed, momentum=mom, masked=sa is not None)
-                if out is None:
-                    with _threads_for(L.shape, C):
-                        out = _solve_detached(
-                            L, F0, G0, tol=tol, max_iter=iters, check_every=check_every,
-                            fixed=fixed, engine=engine, momentum=mom,
-                        )
-                F, G, plan, err, nit, it, history = out
-        # potentials back in cost units (-inf off the support, with a NaN-free gradient there)
-        if sa is not None:
-            Fs = torch.where(sa, F, torch.zeros_like(F))
-            Gs = torch.where(sb, G, torch.zeros_like(G))
-            f = torch.where(sa, Fs * eg1 + r, torch.full_like(Fs, -math.inf))
-            g = torch.where(sb, Gs * eg1 + s, torch.full_like(Gs, -math.inf))
-        else:
-            f = F * eg1 + r
-            g = G * eg1 + s
+                nit = torch.where(nit < 0, torch.full_like(nit, it), nit)
+            else:
+                with torch.no_grad():
+                    out = None
+                    if fused:
+                        out = _fused.try_solve_detached(
+                            L.Kc, L.loga, L.logb, L.a, L.b, F0, G0, tol=tol, max_iter=iters,
+                            check_every=check_every, fixed=fixed, momentum=mom, masked=sa is not None)
+                    if out is None:
+                        with _threads_for(L.shape, C):
+                            out = _solve_detached(
+                                L, F0, G0, tol=tol, max_iter=iters, check_every=check_every,
+                                fixed=fixed, engine=engine, momentum=mom,
+                            )
+                    F, G, plan, err, nit, it, history = out
+            # potentials back in cost units (-inf off the support, with a NaN-free gradient there)
+            if sa is not None:
+                Fs = torch.where(sa, F, torch.zeros_like(F))
+                Gs = torch.where(sb, G, torch.zeros_like(G))
+                f = torch.where(sa, Fs * eg1 + r, torch.full_like(Fs, -math.inf))
+                g = torch.where(sb, Gs * eg1 + s, torch.full_like(Gs, -math.inf))
+            else:
+                f = F * eg1 + r
+                g = G * eg1 + s
 
     if implicit:
         eps_t = ep if isinstance(ep, Tensor) else torch.tensor(ep, dtype=C.dtype, device=C.device)
