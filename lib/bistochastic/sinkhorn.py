@@ -409,12 +409,14 @@ _ONE_THREAD_BYTES = 2 * 1024 * 1024
 
 
 class _threads_for:
-    """Context: one intra-op thread for the iterations of a small single CPU matrix (restored on
-    exit); otherwise torch's setting is left alone."""
+    """Context: one intra-op thread for the solve of a small single CPU matrix (the caller's
+    setting is restored on exit, also on an exception); otherwise torch's setting is left
+    alone. (``torch.set_num_threads`` is process-wide: a concurrent solve in another Python
+    thread sees the same setting while it is held.)"""
 
-    def __init__(self, shape, C: Tensor):
-        self.one = (C.device.type == "cpu" and len(shape) == 2
-                    and shape[0] * shape[1] * C.element_size() <= _ONE_THREAD_BYTES)
+    def __init__(self, shape, C):
+        self.one = (isinstance(C, Tensor) and C.device.type == "cpu" and len(shape) == 2
+                    and shape[0] * shape[1] * 8 <= _ONE_THREAD_BYTES)
         self.old = 0
 
     def __enter__(self):
@@ -1056,7 +1058,13 @@ def sinkhorn(
                      cg_max_iter=cg_max_iter)
 
 
-def _sinkhorn(
+def _sinkhorn(cost, eps, a, b, **kw) -> SinkhornResult:
+    # a small single CPU matrix is solved on one intra-op thread from validation to the plan
+    with _threads_for(cost.shape if isinstance(cost, Tensor) else (), cost):
+        return _sinkhorn_impl(cost, eps, a, b, **kw)
+
+
+def _sinkhorn_impl(
     cost, eps, a, b, *, tol, max_iter, n_iter, check_every, grad, init, engine, momentum, warn,
     check_inputs, cg_tol, cg_max_iter, allow_inf_cost: bool = False, eps_name: str = "eps",
 ) -> SinkhornResult:
@@ -1228,11 +1236,10 @@ def _sinkhorn(
                             L.Kc, L.loga, L.logb, L.a, L.b, F0, G0, tol=tol, max_iter=iters,
                             check_every=check_every, fixed=fixed, momentum=mom, masked=sa is not None)
                     if out is None:
-                        with _threads_for(L.shape, C):
-                            out = _solve_detached(
-                                L, F0, G0, tol=tol, max_iter=iters, check_every=check_every,
-                                fixed=fixed, engine=engine, momentum=mom,
-                            )
+                        out = _solve_detached(
+                            L, F0, G0, tol=tol, max_iter=iters, check_every=check_every,
+                            fixed=fixed, engine=engine, momentum=mom,
+                        )
                     F, G, plan, err, nit, it, history = out
             # potentials back in cost units (-inf off the support, with a NaN-free gradient there)
             if sa is not None:
