@@ -21,6 +21,12 @@ Three engines share one interface:
   domain, so the result is never less stable than ``"log"``.
 * ``"auto"`` picks ``"absorb"`` unless gradients are unrolled.
 
+On the CPU the scaling engine reads a single large kernel once per iteration (row update and
+column product block by block, each block re-read from cache), solves a single matrix of at
+most 2 MiB on one intra-op thread (its passes are too short for a parallel region to pay), and
+runs fixed-iteration batches of tiny matrices (``n, m <= 16``, the mHC shape) in a planar
+``(n, m, batch)`` layout; none of this changes the iterations or what the result reports.
+
 Both accept over-relaxation (``momentum``), fixed or adaptive (Lehmann et al. 2021, as in OTT-JAX).
 
 Three mechanisms make every solve honest and accurate:
