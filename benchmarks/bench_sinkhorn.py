@@ -26,14 +26,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
+import time
+import warnings
 
 import torch
 
-from bistochastic import project_dsm
-from bistochastic.bench import (autograd_saved_bytes, bench_dense, bench_tiny, copy_bandwidth,
-                                make_problem, pot_version, timeit)
+from bistochastic import marginal_error, project_dsm, sinkhorn
+from bistochastic.bench import (_pot, autograd_saved_bytes, bench_dense, bench_tiny,
+                                copy_bandwidth, make_problem, pot_version, sync, timeit)
 
 
 def raw_sk_ms_per_it(n, eps, dtype, dev, reps, iters=20):
@@ -51,6 +54,93 @@ def raw_sk_ms_per_it(n, eps, dtype, dev, reps, iters=20):
 
     t, _ = timeit(run, dev, reps)
     return t / iters * 1e3
+
+
+def sk_count_its(K, a, b, tol, max_iter=100000, check_every=10):
+    """Iterations that POT's ``sinkhorn_log`` needs to reach ``tol`` (our criterion, checked every
+    ``check_every``), counted with the scaling-domain form of the same iteration (columns first,
+    then rows: ``v = b / Kᵀu``, ``u = a / K v``), whose iterates equal POT's log-domain iterates
+    in exact arithmetic; two GEMVs per iteration instead of two log-sum-exp passes."""
+    u = torch.ones_like(a)
+    it = 0
+    while it < max_iter:
+        v = b / torch.mv(K.t(), u)
+        u = a / torch.mv(K, v)
+        it += 1
+        if it % check_every == 0:
+            P = u[:, None] * K * v[None, :]
+            if float(marginal_error(P, a, b)) <= tol:
+                return it
+    return it
+
+
+def dense_interleaved(n, eps, tol, dtype, dev, reps, threads_list, pot_sample_its):
+    """Time to tolerance of ours, the raw two-GEMV Sinkhorn-Knopp iteration and POT
+    ``sinkhorn_log``, runs interleaved (for each repetition: every thread count, ours, raw, POT),
+    minimum over ``reps`` after one warm-up; returns one row per thread count."""
+    ot = _pot()
+    C, a, b = make_problem(n, dtype, dev)
+    K = torch.exp(-C / eps)
+    pot_its = sk_count_its(K, a, b, tol)
+    pot_k = pot_its if not pot_sample_its else min(pot_its, pot_sample_its)
+    raw_k = 20
+
+    def ours():
+        return sinkhorn(C, eps, a, b, tol=tol, max_iter=100000, grad="none", warn=False)
+
+    def raw():
+        u, v = torch.ones_like(a), torch.ones_like(b)
+        for _ in range(raw_k):
+            u = a / torch.mv(K, v)
+            v = b / torch.mv(K.t(), u)
+        return v
+
+    def pot():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return ot.sinkhorn(a, b, C, eps, method="sinkhorn_log", numItermax=pot_k, stopThr=0.0)
+
+    def t(fn):
+        t0 = time.perf_counter()
+        out = fn()
+        sync(dev)
+        return time.perf_counter() - t0, out
+
+    times = {}
+    res = {}
+    for rep in range(reps + 1):  # the first round is the warm-up
+        for th in threads_list:
+            torch.set_num_threads(th)
+            for name, fn in (("ours", ours), ("raw", raw), ("pot", pot)):
+                if name == "pot" and ot is None:
+                    continue
+                dt, out = t(fn)
+                if rep == 0:
+                    res[(th, name)] = out
+                    continue
+                times.setdefault((th, name), []).append(dt)
+    rows = []
+    for th in threads_list:
+        r = res[(th, "ours")]
+        assert bool(r.converged), "bistochastic did not reach the tolerance"
+        to = times[(th, "ours")]
+        tr = [x / raw_k for x in times[(th, "raw")]]
+        row = {"n": n, "eps": eps, "tol": tol, "dtype": str(dtype).split(".")[-1], "threads": th,
+               "ours_its": r.iterations, "ours_s": min(to), "ours_spread": max(to) / min(to),
+               "ours_err": float(r.marginal_error), "raw_ms_per_it": min(tr) * 1e3,
+               "raw_spread": max(tr) / min(tr)}
+        row["ours_ms_per_it"] = row["ours_s"] / r.iterations * 1e3
+        row["ours_over_raw_per_it"] = row["ours_ms_per_it"] / row["raw_ms_per_it"]
+        if ot is not None:
+            tp = times[(th, "pot")]
+            row.update(pot_its=pot_its, pot_timed_its=pot_k, pot_ms_per_it=min(tp) / pot_k * 1e3,
+                       pot_spread=max(tp) / min(tp))
+            row["pot_s"] = row["pot_ms_per_it"] * pot_its / 1e3
+            if pot_k == pot_its:
+                row["pot_err"] = float(marginal_error(res[(th, "pot")], a, b))
+            row["pot_over_ours"] = row["pot_s"] / row["ours_s"]
+        rows.append(row)
+    return rows
 
 
 def bench_tiny_grad(B, n, iters, dtype, dev, reps, tau=1.0):
@@ -103,10 +193,15 @@ def main(argv=None):
                     help="also time forward+backward (unroll, implicit, eager-loop autograd) and "
                          "the bytes saved for the backward, 20 sweeps")
     ap.add_argument("--raw", action="store_true",
-                    help="dense: also time a raw scaling-domain Sinkhorn-Knopp iteration (two "
-                         "GEMVs with a precomputed kernel) and report ours per iteration against it")
+                    help="dense: ours, a raw scaling-domain Sinkhorn-Knopp iteration (two GEMVs "
+                         "with a precomputed kernel) and POT, interleaved in one process, minimum "
+                         "of --reps; ours per iteration against raw, time to tol against POT")
     ap.add_argument("--threads-list", type=int, nargs="*", default=None,
-                    help="dense: repeat the dense rows at each of these thread counts")
+                    help="dense: repeat the dense rows at each of these thread counts (with "
+                         "--raw: interleaved in each repetition)")
+    ap.add_argument("--pot-sample-its", type=int, default=0,
+                    help="with --raw: time POT on this many iterations and scale to the "
+                         "iteration count it needs (measured); 0 = the full run")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     ap.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)")
     args = ap.parse_args(argv)
@@ -120,13 +215,38 @@ def main(argv=None):
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print(f"# measured copy bandwidth: {bw / 1e9:.1f} GB/s (read+write)")
     rows = []
-    print("\n## Dense problems: time to tolerance (relative L1 marginal error <= %g)" % args.tol)
+    if args.sizes:
+        print("\n## Dense problems: time to tolerance (relative L1 marginal error <= %g)" % args.tol)
     hdr = (f"{'n':>5} {'eps':>6} | {'floor ms/it':>11} | {'ours its':>8} {'ms/it':>7} {'s':>7} | "
            f"{'plain its':>9} {'ms/it':>7} {'s':>7} | {'POT its':>7} {'ms/it':>7} {'s':>7} | "
            f"{'POT/ours':>8} {'plain/ours':>10} {'ours/floor':>10}")
-    print(hdr)
+    if args.sizes and not args.raw:
+        print(hdr)
     default_threads = torch.get_num_threads()
-    for threads in (args.threads_list or [None]):
+    if args.raw:
+        # interleaved: ours, raw SK, POT at each thread count in turn, minimum of --reps
+        print(f"# load average {os.getloadavg()[0]:.2f} at start; runs interleaved, minimum of "
+              f"{args.reps} (spread = max/min); POT's iteration count measured with the "
+              "scaling form of its iteration"
+              + (f", POT timed on {args.pot_sample_its} of them" if args.pot_sample_its else ""))
+        print(f"{'n':>5} {'eps':>6} {'thr':>3} | {'ours its':>8} {'ms/it':>8} {'s':>7} {'sprd':>5} | "
+              f"{'raw ms/it':>9} {'sprd':>5} | {'ours/raw':>8} | {'POT its':>7} {'ms/it':>8} "
+              f"{'s':>8} {'sprd':>5} | {'POT/ours':>8}")
+        ths = args.threads_list or [torch.get_num_threads()]
+        for n in args.sizes:
+            for eps in args.eps:
+                for r in dense_interleaved(n, eps, args.tol, dtype, dev, args.reps, ths,
+                                           args.pot_sample_its):
+                    rows.append(r)
+                    print(f"{n:>5} {eps:>6g} {r['threads']:>3} | {r['ours_its']:>8} "
+                          f"{r['ours_ms_per_it']:>8.3f} {r['ours_s']:>7.3f} {r['ours_spread']:>5.2f} | "
+                          f"{r['raw_ms_per_it']:>9.3f} {r['raw_spread']:>5.2f} | "
+                          f"{r['ours_over_raw_per_it']:>8.2f} | {r.get('pot_its', 0):>7} "
+                          f"{r.get('pot_ms_per_it', float('nan')):>8.3f} "
+                          f"{r.get('pot_s', float('nan')):>8.3f} {r.get('pot_spread', float('nan')):>5.2f} | "
+                          f"{r.get('pot_over_ours', float('nan')):>8.2f}", flush=True)
+        print(f"# load average {os.getloadavg()[0]:.2f} at end")
+    for threads in ([] if args.raw else (args.threads_list or [None])):
         if threads:
             torch.set_num_threads(threads)
             print(f"# {threads} thread(s)")
@@ -134,12 +254,8 @@ def main(argv=None):
             for eps in args.eps:
                 r = bench_dense(n, eps, args.tol, dtype, dev, args.reps, bw)
                 r["threads"] = torch.get_num_threads()
-                if args.raw:
-                    r["raw_ms_per_it"] = raw_sk_ms_per_it(n, eps, dtype, dev, args.reps)
-                    r["ours_over_raw_per_it"] = r["ours_ms_per_it"] / r["raw_ms_per_it"]
                 rows.append(r)
-                extra = (f" | raw SK {r['raw_ms_per_it']:.3f} ms/it, ours/raw "
-                         f"{r['ours_over_raw_per_it']:.2f}") if args.raw else ""
+                extra = ""
                 print(f"{n:>5} {eps:>6g} | {r['floor_ms_per_it']:>11.3f} | {r['ours_its']:>8} "
                       f"{r['ours_ms_per_it']:>7.3f} {r['ours_s']:>7.3f} | {r['plain_its']:>9} "
                       f"{r['plain_ms_per_it']:>7.3f} {r['plain_s']:>7.3f} | {r.get('pot_its', 0):>7} "

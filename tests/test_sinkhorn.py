@@ -720,3 +720,163 @@ def test_torch_func_transforms_take_the_functional_path():
         assert torch.allclose(G[k], s.grad, atol=1e-14, rtol=0)
     with pytest.raises(ValueError, match="n_iter"):
         vmap(lambda s: bs.project_dsm(s, 1.0).plan)(S)
+
+
+# ------------------------------------------------------------------ one-pass sweep, thread policy
+
+
+@pytest.mark.parametrize("dtype,eps,tol", [(F64, 0.05, 1e-9), (F64, 0.002, 1e-7),
+                                           (torch.float32, 0.01, 1e-5)])
+@pytest.mark.parametrize("momentum", ["adaptive", None, 1.5])
+@pytest.mark.parametrize("fixed", [False, True])
+def test_blocked_sweep_matches_two_full_products(monkeypatch, dtype, eps, tol, momentum, fixed):
+    """The scaling engine's one-pass sweep (row update and column product block by block, forced
+    here on a small matrix with 8-row blocks) runs the same iterations as two full matrix-vector
+    products: same iteration count, same plan to round-off, an honest report; eps = 0.002 makes
+    the kernel's range (500 in units of eps) exceed the absorption threshold, float32 too."""
+    C, a, b = _problem(50, 37, seed=4, uniform=False, dtype=dtype)
+    C = C / C.max()
+    kw = dict(n_iter=60) if fixed else dict(tol=tol, max_iter=3000)
+    out = {}
+    for block in (0, 8 * 37 * C.element_size()):
+        monkeypatch.setattr(sk, "_SWEEP_BLOCK_BYTES", block)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", bs.SinkhornWarning)
+            out[block] = bs.sinkhorn(C, eps, a, b, engine="absorb", momentum=momentum, **kw)
+        _assert_honest(out[block], a, b)
+    r0, r1 = out.values()
+    assert r0.iterations == r1.iterations
+    assert torch.equal(r0.n_iter, r1.n_iter)
+    atol = 1e-12 if dtype == F64 else 1e-6
+    torch.testing.assert_close(r1.plan, r0.plan, atol=atol, rtol=1e-6 if dtype == F64 else 1e-3)
+    if not fixed:
+        assert bool(r1.converged)
+    # the potentials reproduce the plan (the solver's convention)
+    P = torch.exp((r1.f[:, None] + r1.g[None, :] - C) / eps)
+    torch.testing.assert_close(P, r1.plan, atol=atol, rtol=1e-6 if dtype == F64 else 1e-3)
+
+
+def test_blocked_sweep_is_used_and_agrees_with_pot_on_a_large_matrix(monkeypatch):
+    """Default block size, a matrix above the blocking threshold (n = 600, float64): the plan
+    matches POT's sinkhorn_log run to convergence."""
+    ot = pytest.importorskip("ot")
+    calls = []
+    real_mv = torch.mv
+
+    def spy(*args, **kw):
+        calls.append(args[0].shape)
+        return real_mv(*args, **kw)
+
+    C, a, b = _problem(600, 600, seed=5)
+    monkeypatch.setattr(torch, "mv", spy)
+    res = bs.sinkhorn(C, 0.01, a, b, tol=1e-9, max_iter=5000)
+    monkeypatch.setattr(torch, "mv", real_mv)
+    assert any(s[0] < 600 for s in calls), "the blocked sweep was not used"
+    _assert_honest(res, a, b)
+    P = ot.sinkhorn(a.numpy(), b.numpy(), C.numpy(), 0.01, method="sinkhorn_log",
+                    numItermax=100000, stopThr=1e-12)
+    assert np.abs(res.plan.numpy() - P).sum() < 1e-6
+
+
+def test_small_matrix_runs_on_one_thread_and_restores_the_setting():
+    """A small single matrix is iterated on one intra-op thread; the caller's setting is restored
+    (also when the solve raises inside the loop)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        real = sk._solve_detached
+
+        def spy(*args, **kw):
+            seen.append(torch.get_num_threads())
+            return real(*args, **kw)
+
+        sk._solve_detached = spy
+        try:
+            C, a, b = _problem(64, 64)
+            bs.sinkhorn(C, 0.05, a, b)
+            assert seen == [1] and torch.get_num_threads() == 2
+            big = torch.rand(2, 600, 600, dtype=F64)  # a batch: not restricted
+            bs.project_dsm(big, 1.0, n_iter=3)
+            assert seen[-1] == 2
+
+            def boom(*args, **kw):
+                raise RuntimeError("boom")
+
+            sk._solve_detached = boom
+            with pytest.raises(RuntimeError, match="boom"):
+                bs.sinkhorn(C, 0.05, a, b)
+            assert torch.get_num_threads() == 2
+        finally:
+            sk._solve_detached = real
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("shape", [(300, 4, 4), (1, 2, 2), (3, 50, 3, 5), (70, 16, 16),
+                                   (2, 129, 8, 8), (2, 700, 3, 3)])
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_planar_tiny_batch_matches_the_general_engine(monkeypatch, shape, dtype):
+    """The planar fixed-iteration loop for batches of tiny matrices (chunked: 1 KiB chunks force
+    several chunks and a remainder) returns the general engine's plan and potentials to
+    round-off, reports its own plan's error, and leaves the input untouched (2 x 700 = 1400
+    matrices: a chunk of 1024 and a remainder)."""
+    g = _gen(11)
+    logits = torch.randn(shape, generator=g, dtype=F64).to(dtype) * 2
+    n, m = shape[-2], shape[-1]
+    a = torch.rand(shape[:-1], generator=g, dtype=F64).to(dtype) + 0.5
+    b = torch.rand(shape[:-2] + (m,), generator=g, dtype=F64).to(dtype) + 0.5
+    b = b / b.sum(-1, keepdim=True) * a.sum(-1, keepdim=True)
+    keep = logits.clone()
+    calls = []
+    real = sk._planar_solve
+
+    def spy(*args, **kw):
+        out = real(*args, **kw)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(sk, "_planar_solve", spy)
+    monkeypatch.setattr(sk, "_PLANAR_CHUNK_BYTES", 1024)
+    new = bs.sinkhorn(-logits, 0.7, a, b, n_iter=20)
+    assert calls == [True]
+    monkeypatch.setattr(sk, "_PLANAR_MAX", 0)
+    ref = bs.sinkhorn(-logits, 0.7, a, b, n_iter=20)
+    assert torch.equal(logits, keep)
+    tol = dict(atol=1e-12, rtol=1e-10) if dtype == F64 else dict(atol=2e-6, rtol=1e-4)
+    torch.testing.assert_close(new.plan, ref.plan, **tol)
+    torch.testing.assert_close(new.f, ref.f, **tol)
+    torch.testing.assert_close(new.g - new.g.mean(-1, keepdim=True),
+                               ref.g - ref.g.mean(-1, keepdim=True), **tol)
+    assert new.plan.is_contiguous() and new.plan.shape == shape
+    assert new.iterations == 20 and bool((new.n_iter == 20).all())
+    _assert_honest(new, a, b)
+
+
+def test_planar_tiny_batch_falls_back_when_a_scaling_leaves_the_safe_range(monkeypatch):
+    """A temperature so low that the scalings leave [e^-τ, e^τ] in float32: the planar loop
+    declines and the general engine (absorption, log-domain fallback) returns a finite plan
+    whose report is honest."""
+    g = _gen(12)
+    logits = torch.randn(64, 4, 4, generator=g) * 50
+    calls = []
+    real = sk._planar_solve
+    monkeypatch.setattr(sk, "_planar_solve",
+                        lambda *a, **k: calls.append(real(*a, **k)) or calls[-1])
+    res = bs.project_dsm(logits, 0.05, n_iter=20, warn=False)
+    assert calls == [None]
+    _assert_honest(res, torch.ones(4), torch.ones(4))
+
+
+def test_planar_tiny_batch_implicit_gradient_matches_the_general_engine(monkeypatch):
+    """grad="implicit" on the planar path: the same gradient as through the general engine."""
+    g = _gen(13)
+    logits = torch.randn(50, 4, 4, generator=g, dtype=F64)
+    W = torch.randn(50, 4, 4, generator=g, dtype=F64)
+    grads = []
+    for pm in (16, 0):
+        monkeypatch.setattr(sk, "_PLANAR_MAX", pm)
+        x = logits.clone().requires_grad_()
+        (bs.project_dsm(x, 1.0, n_iter=30, grad="implicit").plan * W).sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-10, rtol=1e-8)

@@ -21,6 +21,12 @@ Three engines share one interface:
   domain, so the result is never less stable than ``"log"``.
 * ``"auto"`` picks ``"absorb"`` unless gradients are unrolled.
 
+On the CPU the scaling engine reads a single large kernel once per iteration (row update and
+column product block by block, each block re-read from cache), solves a single matrix of at
+most 2 MiB on one intra-op thread (its passes are too short for a parallel region to pay), and
+runs fixed-iteration batches of tiny matrices (``n, m <= 16``, the mHC shape) in a planar
+``(n, m, batch)`` layout; none of this changes the iterations or what the result reports.
+
 Both accept over-relaxation (``momentum``), fixed or adaptive (Lehmann et al. 2021, as in OTT-JAX).
 
 Three mechanisms make every solve honest and accurate:
@@ -69,6 +75,9 @@ GradMode = Literal["unroll", "implicit", "none"]
 #: Above this many columns the implicit backward solves its Schur system by CG instead of densely.
 DENSE_SCHUR_MAX = 512
 Engine = Literal["auto", "log", "absorb"]
+#: Bytes of kernel per block in the scaling engine's one-pass sweep (a block is read from memory
+#: once and re-read from cache); 0 turns the blocked sweep off (two full matrix-vector products).
+_SWEEP_BLOCK_BYTES = 512 * 1024
 EpsLike = Union[float, Tensor]
 
 
@@ -363,12 +372,25 @@ class _Loop:
     fast path with no masking at all).
     """
 
-    def __init__(self, Kc: Tensor, a: Tensor, b: Tensor, sa: Optional[Tensor], sb: Optional[Tensor]):
-        self.Kc = Kc  # -(C - r - s)/eps, (..., n, m)
+    def __init__(self, Kc, a: Tensor, b: Tensor, sa: Optional[Tensor], sb: Optional[Tensor],
+                 shape=None):
+        # Kc = -(C - r - s)/eps, (..., n, m); or a function that builds it on first use (the
+        # scaling engine needs it only when it absorbs or falls back to the log domain)
+        self._Kc = Kc if isinstance(Kc, Tensor) else None
+        self._Kc_fn = None if isinstance(Kc, Tensor) else Kc
+        self.shape = Kc.shape if isinstance(Kc, Tensor) else shape
+        self.E0: Optional[Tensor] = None
         self.a, self.b = a, b
         self.sa, self.sb = sa, sb
         self.loga = _safe_log(a, sa)
         self.logb = _safe_log(b, sb)
+
+    @property
+    def Kc(self) -> Tensor:
+        if self._Kc is None:
+            self._Kc = self._Kc_fn()
+            self._Kc_fn = None
+        return self._Kc
 
     # log-domain half steps (differentiable, out-of-place)
     def f_step(self, G: Tensor) -> Tensor:
@@ -383,6 +405,37 @@ class _Loop:
     def error(self, P: Tensor) -> Tensor:
         return marginal_error(P, self.a.expand(P.shape[:-1]),
                               self.b.expand(P.shape[:-2] + P.shape[-1:]))
+
+
+#: A single CPU matrix of at most this many bytes is solved on one thread: its passes are too
+#: short for a parallel region to pay (measured: the two-GEMV loop at n = 256 is slower with two
+#: threads than with one, and on a loaded machine each parallel region can wait a whole
+#: scheduler time slice for a descheduled thread).
+_ONE_THREAD_BYTES = 2 * 1024 * 1024
+
+
+class _threads_for:
+    """Context: one intra-op thread for the solve of a small single CPU matrix (the caller's
+    setting is restored on exit, also on an exception); otherwise torch's setting is left
+    alone. (``torch.set_num_threads`` is process-wide: a concurrent solve in another Python
+    thread sees the same setting while it is held.)"""
+
+    def __init__(self, shape, C):
+        self.one = (isinstance(C, Tensor) and C.device.type == "cpu" and len(shape) == 2
+                    and shape[0] * shape[1] * 8 <= _ONE_THREAD_BYTES)
+        self.old = 0
+
+    def __enter__(self):
+        if self.one:
+            self.old = torch.get_num_threads()
+            if self.old > 1:
+                torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.one and self.old > 1:
+            torch.set_num_threads(self.old)
+        return False
 
 
 def _relax(x: Tensor, xn: Tensor, omega: float, mask: Optional[Tensor]) -> Tensor:
@@ -428,14 +481,16 @@ def _absorb_solve(
 
     Returns ``F, G, P, err, n_iter, iterations, history`` as :func:`_solve_detached`.
     """
-    Kc, sa, sb = L.Kc, L.sa, L.sb
-    batch = Kc.shape[:-2]
-    n, m = Kc.shape[-2], Kc.shape[-1]
+    sa, sb = L.sa, L.sb
+    shape = L.shape
+    batch = shape[:-2]
+    n, m = shape[-2], shape[-1]
+    dtype, device = F0.dtype, F0.device
     a = L.a.expand(batch + (n,))
     b = L.b.expand(batch + (m,))
     asum = a.sum(-1)
-    tau = 0.25 * math.log(torch.finfo(Kc.dtype).max)
-    n_iter = torch.full(batch, -1, dtype=torch.long, device=Kc.device)
+    tau = 0.25 * math.log(torch.finfo(dtype).max)
+    n_iter = torch.full(batch, -1, dtype=torch.long, device=device)
     history: list = []
     omega = float(momentum) if isinstance(momentum, (int, float)) else 1.0
     adaptive = momentum == "adaptive"
@@ -463,11 +518,80 @@ def _absorb_solve(
         out = x * (xn / x).pow(omega)  # x^(1-ω) xn^ω with one pow
         return out if mask is None else torch.where(mask, out, xn)
 
+    # One pass over the kernel per iteration (a single matrix larger than a cache): the row
+    # update and the column product run block by block, each block of rows read from memory once
+    # and re-read from cache, instead of two full matrix-vector products. Same updates, same
+    # order (Gauss-Seidel), only the summation order of the column product differs.
+    blocks = None
+    itemsize = torch.finfo(dtype).bits // 8
+    if (len(shape) == 2 and sa is None and device.type == "cpu"
+            and _SWEEP_BLOCK_BYTES > 0 and n * m * itemsize > 4 * _SWEEP_BLOCK_BYTES):
+        rows_per = max(8, _SWEEP_BLOCK_BYTES // (m * itemsize)) // 8 * 8
+        blocks = [(i0, min(i0 + rows_per, n)) for i0 in range(0, n, rows_per)]
+        s_buf = torch.empty(n, dtype=dtype, device=device)  # E v, block by block
+        c_buf = torch.empty(n, dtype=dtype, device=device)  # a^ω u_old^(1-ω)
+        u_bufs = [torch.empty(n, dtype=dtype, device=device) for _ in range(2)]
+        views = [(s_buf[i0:i1], c_buf[i0:i1], [ub[i0:i1] for ub in u_bufs]) for i0, i1 in blocks]
+        ones_n = torch.ones(n, dtype=dtype, device=device)
+        ones_m = torch.ones(m, dtype=dtype, device=device)
+        sweep_views: list = []  # (E block, its transpose) per block, for the current kernel
+        sweep_E: list = [None]
+        flip = [0]
+
+    def block_views(E):
+        if sweep_E[0] is not E:
+            sweep_E[0] = E
+            sweep_views[:] = [(E[i0:i1], E[i0:i1].t()) for i0, i1 in blocks]
+        return sweep_views
+
+    def sweep(E, u_old, v_):
+        """Relaxed row update ``u = u_old^(1-ω) (a / E v)^ω`` and ``Eᵀ u``, in one pass over E
+        (four small operations per block of rows). ``s_buf`` holds ``E v`` afterwards."""
+        block_views(E)
+        flip[0] ^= 1
+        un = u_bufs[flip[0]]  # never the buffer that holds u_old
+        w = torch.zeros_like(v_)
+        if omega != 1.0:
+            torch.mul(torch.pow(a, omega), torch.pow(u_old, 1.0 - omega), out=c_buf)
+        else:
+            c_buf.copy_(a)
+        for (Eb, Ebt), (sv, cv, uvs) in zip(sweep_views, views):
+            ub = uvs[flip[0]]
+            torch.mv(Eb, v_, out=sv)
+            if omega != 1.0:
+                torch.pow(sv, -omega, out=ub)
+                ub.mul_(cv)
+            else:
+                torch.div(cv, sv, out=ub)
+            w.addmv_(Ebt, ub)
+        return un, w
+
+    def rowsum(E):
+        # a matrix-vector product with ones reads a large matrix faster than sum(-1)
+        return torch.mv(E, ones_m) if blocks is not None else E.sum(-1)
+
+    def materialise(E, u_, v_):
+        """The returned plan ``u E v`` and its own error (row and column sums of that tensor).
+        For one large matrix the plan is written over the kernel, block by block, with its sums
+        taken while each block is in cache (one pass); returns ``(P, err, kernel_consumed)``."""
+        if blocks is None:
+            P_ = u_[..., :, None] * E * v_[..., None, :]
+            return P_, L.error(P_), False
+        rows_ = torch.empty(n, dtype=dtype, device=device)
+        cols_ = torch.zeros(m, dtype=dtype, device=device)
+        for (Eb, Ebt), (i0, i1) in zip(block_views(E), blocks):
+            Eb.mul_(u_[i0:i1, None]).mul_(v_)
+            torch.mv(Eb, ones_m, out=rows_[i0:i1])
+            cols_.addmv_(Ebt, ones_n[i0:i1])
+        sweep_E[0] = None
+        err_ = torch.maximum((rows_ - a).abs().sum(-1), (cols_ - b).abs().sum(-1)) / asum
+        return E, err_, True
+
     def build(G):
-        Z = Kc + G[..., None, :]
+        Z = L.Kc + G[..., None, :]
         zmax = Z.amax(-1, keepdim=True)
         E = Z.sub_(zmax).exp_()
-        u = div(a, E.sum(-1), sa)  # exact row update
+        u = div(a, rowsum(E), sa)  # exact row update
         return E, zmax.squeeze(-1), u
 
     def scalings_ok(u, v):
@@ -487,24 +611,30 @@ def _absorb_solve(
         E = L.E0
         L.E0 = None
         zmax = torch.zeros_like(F0)
-        u = div(a, E.sum(-1), sa)
+        u = div(a, rowsum(E), sa)
     else:
         E, zmax, u = build(G0)
     G_ref = G0
     v = torch.ones_like(G0)
     Ev = None  # E v for the current v (reused by the next row update)
     fresh = True  # the row update of the next iteration was done by build()
+    pre = None  # (u, Eᵀu) of the next iteration, swept during a check (one-pass sweep only)
     it = 0
     P = None
     while it < max_iter:
         k = min(check_every, max_iter - it)
         check = not fixed or it + k >= max_iter
         for i in range(k):
-            if not fresh:
-                if Ev is None:
-                    Ev = row(E, v)
-                u = relax(u, div(a, Ev, sa), sa)
-            Ktu = col(E, u)
+            if pre is not None:  # computed by the last check
+                (u, Ktu), pre = pre, None
+            elif blocks is not None and not fresh and Ev is None:
+                u, Ktu = sweep(E, u, v)
+            else:
+                if not fresh:
+                    if Ev is None:
+                        Ev = row(E, v)
+                    u = relax(u, div(a, Ev, sa), sa)
+                Ktu = col(E, u)
             vn = div(b, Ktu, sb)
             # plain column update after a rebuild and at the end of a checked block
             v = vn if (fresh or (check and i == k - 1)) else relax(v, vn, sb)
@@ -531,8 +661,14 @@ def _absorb_solve(
                                                      n_iter), it, history
             continue
         if check:
-            Ev = row(E, v)
-            rows = u * Ev
+            if blocks is not None and not (fixed or it >= max_iter):
+                # the next iteration's sweep computes E v for the current v on its way: the
+                # check costs no extra pass over the kernel
+                pre = sweep(E, u, v)
+                rows = u * s_buf
+            else:
+                Ev = row(E, v)
+                rows = u * Ev
             cols = v * Ktu
             err = torch.maximum((rows - a).abs().sum(-1), (cols - b).abs().sum(-1)) / asum
             history.append(err)
@@ -540,8 +676,7 @@ def _absorb_solve(
             n_iter = torch.where(newly, torch.full_like(n_iter, it), n_iter)
             if fixed or it >= max_iter or bool((n_iter >= 0).all()):
                 # the returned plan is materialised once and its own error decides
-                P = u[..., :, None] * E * v[..., None, :]
-                errP = L.error(P)
+                P, errP, consumed = materialise(E, u, v)
                 history[-1] = errP
                 bad = errP > tol
                 if fixed or not bool(bad.any()) or it >= max_iter:
@@ -550,6 +685,11 @@ def _absorb_solve(
                     return F, G, P, errP, n_iter, it, history
                 n_iter = torch.where(bad, torch.full_like(n_iter, -1), n_iter)
                 P = None
+                if consumed:  # the kernel became the plan: absorb and rebuild it
+                    F_abs, G_abs = absorb(u, v, zmax, G_ref)
+                    E, zmax, u = build(G_abs)
+                    G_ref, v, Ev, fresh, pre = G_abs, torch.ones_like(G_abs), None, True, None
+                    continue
             if adaptive:
                 emax = float(err.max())
                 if err_prev is not None and err_prev > 0 and emax > 0:
@@ -559,14 +699,78 @@ def _absorb_solve(
         if bool((lu.abs().amax() > tau) | (lv.abs().amax() > tau)):
             F_abs, G_abs = absorb(u, v, zmax, G_ref)
             E, zmax, u = build(G_abs)
-            G_ref, v, Ev, fresh = G_abs, torch.ones_like(G_abs), None, True
+            G_ref, v, Ev, fresh, pre = G_abs, torch.ones_like(G_abs), None, True, None
     # not reached: the last block always checks and returns; kept for safety
     F, G = absorb(u, v, zmax, G_ref)
-    P = u[..., :, None] * E * v[..., None, :]
-    err = L.error(P)
+    P, err, _ = materialise(E, u, v)
     history.append(err)
     n_iter = torch.where(n_iter < 0, torch.full_like(n_iter, it), n_iter)
     return F, G, P, err, n_iter, it, history
+
+
+#: Batched matrices up to this size take the planar fixed-iteration loop on the CPU.
+_PLANAR_MAX = 16
+#: Bytes of kernel per chunk of the batch in the planar loop (0: the whole batch at once).
+_PLANAR_CHUNK_BYTES = 512 * 1024
+
+
+def _planar_solve(C: Tensor, a: Tensor, b: Tensor, eps: float, iters: int):
+    """Fixed-iteration scaling loop for a batch of tiny matrices ``C (..., n, m)`` (the mHC
+    shape) in a planar layout ``(n, m, batch)``: every step is a fused multiply-add over
+    contiguous batch-long rows (``n`` or ``m`` of them per matrix-vector product) instead of a
+    batched GEMV per tiny matrix, and the centring, kernel and plan are built in place in that
+    layout. Same sweeps as the scaling engine in fixed mode (exact row update from the kernel
+    ``exp(-(C - r)/ε)``, ``r`` the row minima, then column, row, ... updates); the plan
+    ``u K v`` is materialised once and its error computed from it.
+
+    Returns ``(f, g, plan, err, n_iter, iterations, history)`` in cost units, or ``None`` when a
+    scaling left ``[e^-τ, e^τ]`` or is not finite (the caller then runs the general engine,
+    which absorbs and falls back to the log domain).
+    """
+    shape = C.shape
+    batch, n, m = shape[:-2], shape[-2], shape[-1]
+    Bt = C.numel() // (n * m)
+    tau = 0.25 * math.log(torch.finfo(C.dtype).max)
+    Ep = torch.empty((n, m, Bt), dtype=C.dtype, device=C.device)  # our own copy, (n, m, Bt)
+    Ep.copy_(C.reshape(Bt, n, m).permute(1, 2, 0))
+    r = Ep.amin(1)  # (n, Bt)
+    Ep.sub_(r[:, None]).mul_(-1.0 / eps).exp_()  # rows with maximum one
+    ap = a.expand(batch + (n,)).reshape(Bt, n).t()
+    bp = b.expand(batch + (m,)).reshape(Bt, m).t()
+    u = torch.div(ap, Ep.sum(1))  # (n, Bt): exact row update
+    v = torch.empty(m, Bt, dtype=C.dtype, device=C.device)
+    s_ = torch.empty(n, Bt, dtype=C.dtype, device=C.device)
+    t_ = torch.empty(m, Bt, dtype=C.dtype, device=C.device)
+    # chunks of the batch small enough for all sweeps to run from cache
+    step = max(1024, _PLANAR_CHUNK_BYTES // (n * m * C.element_size())) if _PLANAR_CHUNK_BYTES else Bt
+    for c0 in range(0, Bt, step):
+        c1 = min(c0 + step, Bt)
+        E_, u_, v_, s__, t__ = Ep[..., c0:c1], u[:, c0:c1], v[:, c0:c1], s_[:, c0:c1], t_[:, c0:c1]
+        a_, b_ = ap[:, c0:c1], bp[:, c0:c1]
+        cols = [(E_[:, j], v_[j]) for j in range(m)]  # views, made once
+        rows = [(E_[i], u_[i]) for i in range(n)]
+        for it in range(iters):
+            if it > 0:
+                torch.mul(cols[0][0], cols[0][1], out=s__)
+                for Ej, vj in cols[1:]:
+                    s__.addcmul_(Ej, vj)
+                torch.div(a_, s__, out=u_)
+            torch.mul(rows[0][0], rows[0][1], out=t__)
+            for Ei, ui in rows[1:]:
+                t__.addcmul_(Ei, ui)
+            torch.div(b_, t__, out=v_)
+    lu, lv = torch.log(u), torch.log(v)
+    if not bool(torch.isfinite(lu).all() & torch.isfinite(lv).all()
+                & (lu.abs().amax() <= tau) & (lv.abs().amax() <= tau)):
+        return None
+    P = Ep.mul_(u[:, None]).mul_(v[None])  # the kernel becomes the plan
+    err = torch.maximum((P.sum(1) - ap).abs().sum(0), (P.sum(0) - bp).abs().sum(0))
+    err = (err / ap.sum(0)).reshape(batch)
+    plan = P.permute(2, 0, 1).reshape(shape).contiguous()
+    f = lu.mul_(eps).add_(r).t().reshape(batch + (n,))
+    g = lv.mul_(eps).t().reshape(batch + (m,))
+    n_iter = torch.full(batch, iters, dtype=torch.long, device=C.device)
+    return f, g, plan, err, n_iter, iters, [err]
 
 
 def _solve_detached(
@@ -860,7 +1064,13 @@ def sinkhorn(
                      cg_max_iter=cg_max_iter)
 
 
-def _sinkhorn(
+def _sinkhorn(cost, eps, a, b, **kw) -> SinkhornResult:
+    # a small single CPU matrix is solved on one intra-op thread from validation to the plan
+    with _threads_for(cost.shape if isinstance(cost, Tensor) else (), cost):
+        return _sinkhorn_impl(cost, eps, a, b, **kw)
+
+
+def _sinkhorn_impl(
     cost, eps, a, b, *, tol, max_iter, n_iter, check_every, grad, init, engine, momentum, warn,
     check_inputs, cg_tol, cg_max_iter, allow_inf_cost: bool = False, eps_name: str = "eps",
 ) -> SinkhornResult:
@@ -934,90 +1144,118 @@ def _sinkhorn(
         inf_mask = None
         if allow_inf_cost and unrolling and not transformed and not _all_finite(Cg):
             inf_mask = torch.isfinite(Cg)  # masked entries: NaN-free gradients through where
-        r = Cg.amin(-1)  # finite: every row keeps a finite entry
-        Ct = Cg - r[..., :, None]
-        s = Ct.amin(-2)
-        E0 = None
-        if inf_mask is not None:
-            Ct = Ct - s[..., None, :]
-            Ct0 = torch.where(inf_mask, Ct, torch.zeros_like(Ct))
-            Kc = torch.where(inf_mask, Ct0 / (-eg2), torch.full_like(Ct, -math.inf))
-        elif unrolling or isinstance(eg2, Tensor):
-            Kc = (Ct - s[..., None, :]) / (-eg2)
+        tiny = None
+        if (engine == "absorb" and fixed and not unrolling and init is None and sa is None
+                and not isinstance(eg, Tensor) and C.dim() >= 3 and max(n, m) <= _PLANAR_MAX
+                and C.device.type == "cpu"):
+            with torch.no_grad():
+                tiny = _planar_solve(Cg, a_g, b_g, eg, iters)
+        if tiny is not None:
+            f, g, plan, err, nit, it, history = tiny
         else:
-            if engine == "absorb" and init is None:
-                # the first kernel of the scaling engine, exp(-(C - r)/eps): its rows have
-                # maximum one exactly (the row minimum of C - r is 0), no max pass needed
-                E0 = torch.mul(Ct, -1.0 / eg2).exp_()
-            # Kc = -(Ct - s)/eps in place, one pass
-            Kc = torch.add(s[..., None, :] / eg2, Ct, alpha=-1.0 / eg2, out=Ct)
-        L = _Loop(Kc, a_g, b_g, sa, sb)
-        L.E0 = E0
-        L = _Loop(Kc, a_g, b_g, sa, sb)
+            r = Cg.amin(-1)  # finite: every row keeps a finite entry
+            Ct = Cg - r[..., :, None]
+            E0 = None
+            L = None
+            if (engine == "absorb" and init is None and inf_mask is None and not unrolling
+                    and not isinstance(eg2, Tensor)):
+                # Scaling engine: its first kernel exp(-(C - r)/eps) is built in
+                # place (rows with maximum one exactly: the row minimum of C - r is 0), no column
+                # centring (s = 0: the columns are centred by the first column update, which
+                # starts from g = 0), and no allocation beyond this kernel; the centred cost
+                # -(C - r)/eps is rebuilt from C only if the solve needs it (absorption, fallback).
+                s = torch.zeros(batch + (m,), dtype=Ct.dtype, device=Ct.device)
+                E0 = Ct.mul_(-1.0 / eg2).exp_()
 
-        # starting potentials (units of eps, centred coordinates): the uncentred iterates
-        if init is not None:
-            F0, G0 = _init_potentials(init, C, batch, n, m, check_inputs)
-            # (r, s, eps are detached unless unrolling: then these are exactly the iterates of
-            # the uncentred problem, and so are their derivatives)
-            F0 = (F0 - r) / eg1
-            G0 = (G0 - s) / eg1
-            F0 = torch.where(torch.isfinite(F0), F0, torch.zeros_like(F0))
-            G0 = torch.where(torch.isfinite(G0), G0, torch.zeros_like(G0))
-        else:
-            F0 = torch.zeros(batch + (n,), dtype=C.dtype, device=C.device)
-            G0 = (s / (-eg1)).expand(batch + (m,))
-        if sb is not None:  # columns with zero weight carry no mass from the first row update on
-            G0 = torch.where(sb, G0, torch.full_like(G0, -math.inf))
+                def Kc(Cg=Cg, r=r, eg2=eg2):
+                    return torch.sub(Cg, r[..., :, None]).mul_(-1.0 / eg2)
 
-        if unrolling:
-            F, G = F0, G0
-            history = []
-            nit = torch.full(batch, -1, dtype=torch.long, device=C.device)
-            it = 0
-            while it < iters:
-                k = min(check_every, iters - it)
-                F, G = _log_block(L, F, G, k, 1.0)
-                it += k
-                if fixed and it < iters:
-                    continue
-                if fixed or it >= iters:
-                    break  # the final plan is checked below
+                L = _Loop(Kc, a_g, b_g, sa, sb, shape=E0.shape)
+            else:
+                s = Ct.amin(-2)
+            if L is not None:
+                pass
+            elif inf_mask is not None:
+                Ct = Ct - s[..., None, :]
+                Ct0 = torch.where(inf_mask, Ct, torch.zeros_like(Ct))
+                Kc = torch.where(inf_mask, Ct0 / (-eg2), torch.full_like(Ct, -math.inf))
+            elif unrolling or isinstance(eg2, Tensor):
+                Kc = (Ct - s[..., None, :]) / (-eg2)
+            else:
+                if engine == "absorb" and init is None:
+                    # the first kernel of the scaling engine, exp(-(C - r)/eps): its rows have
+                    # maximum one exactly (the row minimum of C - r is 0), no max pass needed
+                    E0 = torch.mul(Ct, -1.0 / eg2).exp_()
+
+                # Kc = -(Ct - s)/eps in place, one pass
+                Kc = torch.add(s[..., None, :] / eg2, Ct, alpha=-1.0 / eg2, out=Ct)
+            if L is None:
+                L = _Loop(Kc, a_g, b_g, sa, sb)
+            L.E0 = E0
+
+            # starting potentials (units of eps, centred coordinates): the uncentred iterates
+            if init is not None:
+                F0, G0 = _init_potentials(init, C, batch, n, m, check_inputs)
+                # (r, s, eps are detached unless unrolling: then these are exactly the iterates of
+                # the uncentred problem, and so are their derivatives)
+                F0 = (F0 - r) / eg1
+                G0 = (G0 - s) / eg1
+                F0 = torch.where(torch.isfinite(F0), F0, torch.zeros_like(F0))
+                G0 = torch.where(torch.isfinite(G0), G0, torch.zeros_like(G0))
+            else:
+                F0 = torch.zeros(batch + (n,), dtype=C.dtype, device=C.device)
+                G0 = (s / (-eg1)).expand(batch + (m,))
+            if sb is not None:  # columns with zero weight carry no mass from the first row update on
+                G0 = torch.where(sb, G0, torch.full_like(G0, -math.inf))
+
+            if unrolling:
+                F, G = F0, G0
+                history = []
+                nit = torch.full(batch, -1, dtype=torch.long, device=C.device)
+                it = 0
+                while it < iters:
+                    k = min(check_every, iters - it)
+                    F, G = _log_block(L, F, G, k, 1.0)
+                    it += k
+                    if fixed and it < iters:
+                        continue
+                    if fixed or it >= iters:
+                        break  # the final plan is checked below
+                    with torch.no_grad():
+                        err = L.error(L.plan(F, G))
+                    history.append(err)
+                    nit = torch.where((err <= tol) & (nit < 0), torch.full_like(nit, it), nit)
+                    if bool((nit >= 0).all()):
+                        history.pop()  # re-checked below on the returned plan
+                        break
+                plan = L.plan(F, G)
                 with torch.no_grad():
-                    err = L.error(L.plan(F, G))
+                    err = L.error(plan.detach())
                 history.append(err)
                 nit = torch.where((err <= tol) & (nit < 0), torch.full_like(nit, it), nit)
-                if bool((nit >= 0).all()):
-                    history.pop()  # re-checked below on the returned plan
-                    break
-            plan = L.plan(F, G)
-            with torch.no_grad():
-                err = L.error(plan.detach())
-            history.append(err)
-            nit = torch.where((err <= tol) & (nit < 0), torch.full_like(nit, it), nit)
-            nit = torch.where(nit < 0, torch.full_like(nit, it), nit)
-        else:
-            with torch.no_grad():
-                out = None
-                if fused:
-                    out = _fused.try_solve_detached(
-                        L.Kc, L.loga, L.logb, L.a, L.b, F0, G0, tol=tol, max_iter=iters,
-                        check_every=check_every, fixed=fixed, momentum=mom, masked=sa is not None)
-                if out is None:
-                    out = _solve_detached(
-                        L, F0, G0, tol=tol, max_iter=iters, check_every=check_every, fixed=fixed,
-                        engine=engine, momentum=mom,
-                    )
-                F, G, plan, err, nit, it, history = out
-        # potentials back in cost units (-inf off the support, with a NaN-free gradient there)
-        if sa is not None:
-            Fs = torch.where(sa, F, torch.zeros_like(F))
-            Gs = torch.where(sb, G, torch.zeros_like(G))
-            f = torch.where(sa, Fs * eg1 + r, torch.full_like(Fs, -math.inf))
-            g = torch.where(sb, Gs * eg1 + s, torch.full_like(Gs, -math.inf))
-        else:
-            f = F * eg1 + r
-            g = G * eg1 + s
+                nit = torch.where(nit < 0, torch.full_like(nit, it), nit)
+            else:
+                with torch.no_grad():
+                    out = None
+                    if fused:
+                        out = _fused.try_solve_detached(
+                            L.Kc, L.loga, L.logb, L.a, L.b, F0, G0, tol=tol, max_iter=iters,
+                            check_every=check_every, fixed=fixed, momentum=mom, masked=sa is not None)
+                    if out is None:
+                        out = _solve_detached(
+                            L, F0, G0, tol=tol, max_iter=iters, check_every=check_every,
+                            fixed=fixed, engine=engine, momentum=mom,
+                        )
+                    F, G, plan, err, nit, it, history = out
+            # potentials back in cost units (-inf off the support, with a NaN-free gradient there)
+            if sa is not None:
+                Fs = torch.where(sa, F, torch.zeros_like(F))
+                Gs = torch.where(sb, G, torch.zeros_like(G))
+                f = torch.where(sa, Fs * eg1 + r, torch.full_like(Fs, -math.inf))
+                g = torch.where(sb, Gs * eg1 + s, torch.full_like(Gs, -math.inf))
+            else:
+                f = F * eg1 + r
+                g = G * eg1 + s
 
     if implicit:
         eps_t = ep if isinstance(ep, Tensor) else torch.tensor(ep, dtype=C.dtype, device=C.device)
