@@ -372,3 +372,21 @@ def test_dynamic_identity_init_is_saturated():
     assert float(identity_distance(hc.last_mixing).max()) < 1e-60
     assert float(hc.res_logits.grad.abs().max()) < 1e-60
     assert float(hc.phi.grad[:, :16].abs().max()) < 1e-60  # the H_res columns of phi
+
+
+def test_crossing_tau():
+    from bistochastic.nn import crossing_tau
+    taus = [0.1, 1.0, 10.0]
+    assert crossing_tau(taus, [1.0, 0.8, 0.2], 0.5) == pytest.approx(10 ** 0.5)
+    assert crossing_tau(taus, [0.0, 0.0, 1.0], 0.5) == pytest.approx(10 ** 0.5)  # rising
+    assert crossing_tau(taus, [1.0, 0.5, 0.2], 0.5) == pytest.approx(1.0)
+    assert math.isnan(crossing_tau(taus, [1.0, 0.9, 0.8], 0.5))
+    # the closed form of the depth product at the identity-like logits: sigma_2 = 0.5 at
+    # c = exp(-8 / tau) with ((1 - c) / (1 + 3c))^2 = 1/2
+    t = np.geomspace(0.05, 10, 200)
+    c = np.exp(-8 / t)
+    r = 2 ** -0.5
+    want = 8 / math.log((1 + 3 * r) / (1 - r))
+    assert crossing_tau(t, ((1 - c) / (1 + 3 * c)) ** 2, 0.5) == pytest.approx(want, rel=1e-3)
+    with pytest.raises(ValueError, match="taus"):
+        crossing_tau([1.0, 0.5], [1, 2], 0.5)

@@ -18,8 +18,8 @@ from .attention import CAUSAL_REFUSAL, SinkhornAttention, dsm_attention_weights
 from .diagnostics import Diagnostics, is_mixing_module, mixing_metrics, token_spread, valid_blocks
 from .encoder import Ensemble, SinkhornEncoder
 from .experiments import RunResult, no_attention_floor, ranking_batch, train_run
-from .hyper import (HyperConnections, collapse_streams, depth_product, depth_product_sigma2,
-                    expand_streams, identity_distance)
+from .hyper import (HyperConnections, collapse_streams, crossing_tau, depth_product,
+                    depth_product_sigma2, expand_streams, identity_distance)
 from .gpt import GPT, GPTConfig, load_corpus
 from . import hyper, gpt, corpus
 
@@ -40,6 +40,7 @@ __all__ = [
     "train_run",
     "HyperConnections",
     "collapse_streams",
+    "crossing_tau",
     "depth_product",
     "depth_product_sigma2",
     "expand_streams",

@@ -50,6 +50,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -63,6 +64,7 @@ __all__ = [
     "identity_distance",
     "depth_product",
     "depth_product_sigma2",
+    "crossing_tau",
     "INITS",
 ]
 
@@ -137,6 +139,37 @@ def depth_product_sigma2(Hs: Union[Tensor, Sequence[Tensor]], cumulative: bool =
         out.append(spectral.sigma2(prods))
     shape = torch.broadcast_shapes(*(o.shape for o in out))
     return torch.stack([o.expand(shape) for o in out], dim=-1)
+
+
+def crossing_tau(taus: Sequence[float], values: Sequence[float], level: float) -> float:
+    """The temperature at which ``values`` first crosses ``level``, along increasing ``taus``.
+
+    ``taus`` (K,) increasing and positive, ``values`` (K,) measured at them (e.g. the trained
+    ``sigma_2`` of the depth product, or the distance ``H_res`` travelled). Returns the first
+    ``tau`` between two sweep points whose values lie on either side of ``level`` (or touch it),
+    interpolated linearly in ``log tau``; ``nan`` if the values never cross (report that, do not
+    impute it). A crossing is located to within the sweep's spacing by the bracket and to the
+    interpolation's accuracy inside it.
+    """
+    t = np.asarray(taus, dtype=np.float64)
+    v = np.asarray(values, dtype=np.float64)
+    if t.ndim != 1 or t.size < 2 or v.shape != t.shape:
+        raise ValueError("taus, values: expected two 1-d sequences of equal length >= 2")
+    if not (np.all(np.isfinite(t)) and np.all(t > 0) and np.all(np.diff(t) > 0)):
+        raise ValueError("taus: expected positive, strictly increasing temperatures")
+    if not np.all(np.isfinite(v)):
+        raise ValueError("values: expected finite numbers")
+    if not math.isfinite(level):
+        raise ValueError(f"level: expected a finite float, got {level!r}")
+    d = v - level
+    for k in range(len(t) - 1):
+        if d[k] == 0:
+            return float(t[k])
+        if d[k] * d[k + 1] < 0 or d[k + 1] == 0:
+            w = d[k] / (d[k] - d[k + 1])
+            lt = math.log(t[k]) + w * (math.log(t[k + 1]) - math.log(t[k]))
+            return float(math.exp(lt))
+    return float("nan")
 
 
 class HyperConnections(nn.Module):
