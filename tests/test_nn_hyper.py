@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,7 @@ import bistochastic as bs
 from bistochastic.nn import (GPT, GPTConfig, HyperConnections, collapse_streams, depth_product,
                              depth_product_sigma2, expand_streams, identity_distance, load_corpus)
 from bistochastic.nn import corpus as corpus_mod
-from bistochastic.nn.gpt import CausalSelfAttention, train
+from bistochastic.nn.gpt import CausalSelfAttention, train, train_ensemble
 
 
 def _hc(mode="static", init="mild", d=6, n=4, dtype=torch.float64, seed=0, **kw):
@@ -304,6 +305,52 @@ def test_train_records_diagnostics():
     assert all(math.isfinite(v) for v in log.val_loss)
 
 
+@needs_corpus
+@pytest.mark.parametrize("kw", [dict(residual="hyper", hc_init="identity"),
+                                dict(residual="plain"),
+                                dict(residual="hyper", hc_mode="dynamic", hc_init="mild")])
+def test_train_ensemble_equals_train(kw):
+    """The batched ensemble follows each member's own train() run (per-member batches,
+    per-member clipping, elementwise AdamW), with a different temperature per member."""
+    c = load_corpus(max_chars=5_000)
+    taus = (0.05, 2.0, 7.0)
+
+    def make(k):
+        hc = dict(hc_tau=taus[k], hc_pre_init="onehot") if kw["residual"] == "hyper" else {}
+        if kw.get("hc_mode") == "dynamic":
+            hc.pop("hc_tau")
+        m = GPT(GPTConfig(vocab_size=c.vocab_size, block_size=8, n_layer=1, n_head=1,
+                          n_embd=8, **kw, **hc), generator=torch.Generator().manual_seed(k))
+        return m.double()
+
+    opts = dict(steps=5, batch_size=2, eval_every=2, eval_batch=2, lr=1e-2, clip=0.05)
+    logs = train_ensemble([make(k) for k in range(3)], c,
+                          generators=[torch.Generator().manual_seed(10 + k) for k in range(3)],
+                          **opts)
+    for k in range(3):
+        ref = train(make(k), c, generator=torch.Generator().manual_seed(10 + k), **opts)
+        assert logs[k].step == ref.step == [0, 2, 4, 5]
+        assert np.allclose(logs[k].val_loss, ref.val_loss, rtol=0, atol=1e-12)
+        assert np.allclose(logs[k].grad_norm[1:], ref.grad_norm[1:], rtol=1e-10)
+        if kw["residual"] == "hyper":
+            assert np.allclose(logs[k].res_grad_norm[1:], ref.res_grad_norm[1:], rtol=1e-9)
+            assert torch.allclose(logs[k].mixing[-1], ref.mixing[-1], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="generators"):
+        train_ensemble([make(0)], c, generators=[], steps=1)
+
+
+def test_tau_is_a_buffer():
+    hc = _hc("static", "identity")
+    assert "tau_" in dict(hc.named_buffers()) and hc.tau == 0.05
+    hc.set_tau(2.0)
+    X = torch.randn(1, 2, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    hc(X)
+    c = math.exp(-8.0 / 2.0)
+    assert float(hc.last_mixing[0, 0]) == pytest.approx(1 / (1 + 3 * c), rel=1e-12)
+    with pytest.raises(ValueError, match="tau"):
+        hc.set_tau(-1.0)
+
+
 @pytest.mark.parametrize("kw", [dict(hc_init="random"), dict(hc_mode="dynamic"),
                                 dict(stream_init="embed")])
 def test_plain_and_hyper_share_block_weights(kw):
@@ -325,3 +372,14 @@ def test_dynamic_identity_init_is_saturated():
     assert float(identity_distance(hc.last_mixing).max()) < 1e-60
     assert float(hc.res_logits.grad.abs().max()) < 1e-60
     assert float(hc.phi.grad[:, :16].abs().max()) < 1e-60  # the H_res columns of phi
+
+
+def test_first_crossing_finds_the_depth_product_trap():
+    # the closed form of the depth product at the identity-like logits: sigma_2 = 0.5 at
+    # c = exp(-8 / tau) with ((1 - c) / (1 + 3c))^2 = 1/2 (how chapter 16 locates tau_c)
+    t = np.geomspace(0.05, 10, 200)
+    c = np.exp(-8 / t)
+    r = 2 ** -0.5
+    want = 8 / math.log((1 + 3 * r) / (1 - r))
+    got = bs.stats.first_crossing(t, ((1 - c) / (1 + 3 * c)) ** 2, 0.5, direction="down")
+    assert got == pytest.approx(want, rel=1e-3)

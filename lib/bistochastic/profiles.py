@@ -144,11 +144,13 @@ TABLE: Dict[str, Dict[str, Dict[str, Any]]] = {
     },
     "16_mhc_language_model": {
         "ci": {"max_chars": 400_000, "block": 32, "layers": 2, "heads": 2, "width": 32,
-               "batch": 16, "steps": 80, "lr": 3e-3, "eval_every": 20, "n_iter": 20, "seeds": 3,
-               "taus": (1.0, 4.0, 8.0), "sym_steps": 30, "tost_margin": 0.05},
+               "batch": 8, "steps": 80, "lr": 3e-3, "eval_every": 20, "n_iter": 20, "seeds": 3,
+               "tau_range": (0.05, 10.0), "n_taus": 10, "sigma2_level": 0.5,
+               "sym_steps": 30, "tost_margin": 0.05},
         "full": {"max_chars": None, "block": 128, "layers": 6, "heads": 4, "width": 128,
                  "batch": 64, "steps": 3000, "lr": 1e-3, "eval_every": 250, "n_iter": 20,
-                 "seeds": 5, "taus": (0.5, 1.0, 2.0, 4.0, 8.0), "sym_steps": 200,
+                 "seeds": 5, "tau_range": (0.05, 10.0), "n_taus": 16, "sigma2_level": 0.5,
+                 "sym_steps": 200,
                  "tost_margin": 0.05},
     },
     "15_sinkhorn_attention": {

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+import copy
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,7 @@ from .hyper import (HyperConnections, collapse_streams, depth_product_sigma2, ex
                     identity_distance)
 
 __all__ = ["GPTConfig", "GPT", "CausalSelfAttention", "MLP", "TrainLog", "train",
-           "evaluate", "load_corpus", "Corpus"]
+           "train_ensemble", "evaluate", "load_corpus", "Corpus"]
 
 
 @dataclass
@@ -283,3 +284,110 @@ def train(model: GPT, corpus: Corpus, *, steps: int, batch_size: int = 16, lr: f
         if step % eval_every == 0 or step == steps:
             record(step)
     return log
+
+
+def train_ensemble(models: Sequence[GPT], corpus: Corpus, *, steps: int, generators:
+                   Sequence[torch.Generator], batch_size: int = 16, lr: float = 3e-3,
+                   weight_decay: float = 0.0, eval_every: int = 50, eval_batch: int = 32,
+                   clip: float = 1.0) -> List[TrainLog]:
+    """:func:`train` for ``G`` models at once, as one batched program; one log per model.
+
+    The models must share their architecture (same :class:`GPTConfig` up to the values held in
+    parameters and buffers, e.g. ``hc_tau``, ``hc_init``, seeds). Member ``g`` draws its batches
+    from ``generators[g]`` exactly as :func:`train` would, its gradient is clipped to global norm
+    ``clip`` on its own, and AdamW (elementwise) acts on the stacked parameters: each member
+    follows the trajectory :func:`train` gives it, up to round-off. Forward and backward of all
+    members run under ``torch.func.vmap`` of ``torch.func.grad`` over the stacked parameters
+    (an ordinary template model runs them, so the tied output head stays tied; a template moved
+    to the ``meta`` device would lose the tie); evaluations run member by member. The models
+    passed in are not modified.
+    """
+    models = list(models)
+    G = len(models)
+    if G < 1:
+        raise ValueError("models: need at least one model")
+    if len(generators) != G:
+        raise ValueError(f"generators: expected {G} (one per model), got {len(generators)}")
+    if steps < 1 or eval_every < 1:
+        raise ValueError("steps and eval_every must be positive")
+    names0 = [n_ for n_, _ in models[0].named_parameters()]
+    for k, m in enumerate(models):
+        if not isinstance(m, GPT):
+            raise TypeError(f"models[{k}]: expected a GPT, got {type(m).__name__}")
+        if [n_ for n_, _ in m.named_parameters()] != names0 or any(
+                a.shape != b.shape for a, b in zip(m.parameters(), models[0].parameters())):
+            raise ValueError(f"models[{k}]: architecture differs from models[0]")
+    dev = next(models[0].parameters()).device
+    stacked, buffers = torch.func.stack_module_state(models)
+    names = list(stacked)
+    params = [nn.Parameter(stacked[k]) for k in names]
+    scratch = copy.deepcopy(models[0])  # evaluation: member g's weights copied in
+    template = copy.deepcopy(models[0])  # the code vmap runs (never holds batched tensors)
+    for h in template.hyper_layers():
+        h.record = False
+    own = dict(scratch.named_parameters())
+    own_buf = dict(scratch.named_buffers())
+    bsz = models[0].config.block_size
+    xv, yv = corpus.batch("val", eval_batch, bsz, torch.Generator().manual_seed(12345))
+    xv, yv = xv.to(dev), yv.to(dev)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    res_idx = [i for i, n_ in enumerate(names)
+               if "res_logits" in n_ or n_.endswith(".phi") or n_.endswith(".alpha")]
+    logs = [TrainLog() for _ in range(G)]
+    running: List[List[float]] = [[] for _ in range(G)]
+    gn = rgn = [float("nan")] * G
+
+    def record(step: int) -> None:
+        for g in range(G):
+            with torch.no_grad():
+                for k, p in zip(names, params):
+                    own[k].copy_(p[g])
+                for k, b in buffers.items():
+                    own_buf[k].copy_(b[g])
+            scratch.eval()
+            ev = evaluate(scratch, xv, yv)
+            log = logs[g]
+            log.step.append(step)
+            log.val_loss.append(ev["val_loss"])
+            log.train_loss.append(sum(running[g]) / len(running[g]) if running[g]
+                                  else float("nan"))
+            log.grad_norm.append(gn[g])
+            log.res_grad_norm.append(rgn[g])
+            if "id_dist" in ev:
+                log.id_dist.append(ev["id_dist"])
+                log.sigma2_prod.append(ev["sigma2_prod"])
+                log.sigma2_layers.append(ev["sigma2_layers"])
+                log.stream_spread.append(ev["stream_spread"])
+                log.mixing.append(ev["mixing"])
+            running[g].clear()
+
+    def one(p, b, x, y):
+        def f(p_):
+            _, loss = torch.func.functional_call(template, (p_, b), (x, y))
+            return loss
+        return torch.func.grad_and_value(f)(p)
+
+    grad_all = torch.func.vmap(one)
+
+    record(0)
+    for step in range(1, steps + 1):
+        xs, ys = zip(*(corpus.batch("train", batch_size, bsz, gen) for gen in generators))
+        x, y = torch.stack(xs).to(dev), torch.stack(ys).to(dev)
+        grads_d, loss = grad_all({k: p.detach() for k, p in zip(names, params)}, buffers, x, y)
+        grads = [grads_d[k] for k in names]
+        for p, gr in zip(params, grads):
+            p.grad = gr
+        sq = torch.stack([gr.flatten(1).pow(2).sum(1) for gr in grads])  # (P, G)
+        total = sq.sum(0).sqrt()
+        if res_idx:
+            rgn = sq[res_idx].sum(0).sqrt().tolist()
+        gn = total.tolist()
+        coef = (clip / (total + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_
+        for gr in grads:
+            gr.mul_(coef.view(-1, *([1] * (gr.dim() - 1))).to(gr.dtype))
+        opt.step()
+        for g, v in enumerate(loss.tolist()):
+            running[g].append(v)
+        if step % eval_every == 0 or step == steps:
+            record(step)
+    return logs

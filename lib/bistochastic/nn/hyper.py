@@ -39,7 +39,9 @@ community default). ``H_post`` starts at 1 for every stream.
 After each forward the module keeps, detached, ``last_mixing`` (``H_res``, ``(n, n)`` for static
 logits, ``(..., n, n)`` per token for dynamic ones), ``last_logits`` (the logits before division
 by ``tau``, same shape), ``last_pre`` and ``last_post`` (``(..., n)`` or ``(n,)``), and the
-temperature ``tau``: diagnostics hooks read these names. Setting ``record = False`` skips the
+temperature ``tau`` (a float property; the value lives in the 0-d buffer ``tau_``, so that
+an ensemble stacked by ``torch.func.stack_module_state`` can give every member its own
+temperature): diagnostics hooks read these names. Setting ``record = False`` skips the
 storing (needed under ``torch.func.vmap``, where the tensors are batched wrappers).
 """
 
@@ -48,6 +50,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -197,7 +200,9 @@ class HyperConnections(nn.Module):
             raise ValueError(f"offdiag: only used by init='identity' or 'mild', not {init!r}")
         self.block = block
         self.dim, self.n, self.mode, self.init = dim, n, mode, init
-        self.tau = float(tau)
+        # a buffer, so that members of a vmapped ensemble can differ in temperature; float64
+        # so that e.g. 0.05 stays 0.05 in a float64 model (a float32 buffer cast up would not)
+        self.register_buffer("tau_", torch.tensor(float(tau), dtype=torch.float64))
         self.n_iter = n_iter
 
         self._offdiag = (_DEFAULT_OFFDIAG[init] if offdiag is None else float(offdiag)
@@ -255,7 +260,10 @@ class HyperConnections(nn.Module):
             res = res + a[0] * z[..., : n * n].unflatten(-1, (n, n))
             pre = pre + a[1] * z[..., n * n: n * n + n]
             post = post + a[2] * z[..., n * n + n:]
-        H = project_dsm(res, tau=self.tau, n_iter=self.n_iter, check_inputs=False).plan
+        # divide here and project at tau = 1: project_dsm validates a tensor tau on the host,
+        # which torch.func.vmap (an ensemble with one temperature per member) cannot do
+        Z = res / self.tau_.to(res.dtype)
+        H = project_dsm(Z, tau=1.0, n_iter=self.n_iter, check_inputs=False).plan
         return H, torch.sigmoid(pre), 2.0 * torch.sigmoid(post), res
 
     def forward(self, X: Tensor, *args: Any, **kwargs: Any) -> Tensor:
@@ -274,6 +282,19 @@ class HyperConnections(nn.Module):
             self.last_pre = pre.detach()
             self.last_post = post.detach()
         return Y
+
+    @property
+    def tau(self) -> float:
+        """The temperature (stored as the 0-d buffer ``tau_``; set it with :meth:`set_tau`)."""
+        return float(self.tau_)
+
+    def set_tau(self, tau: float) -> None:
+        """Change the temperature in place (keeps the buffer's dtype and device)."""
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (
+                math.isfinite(tau) and tau > 0):
+            raise ValueError(f"tau: expected a positive finite float, got {tau!r}")
+        with torch.no_grad():
+            self.tau_.fill_(float(tau))
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, n={self.n}, mode={self.mode!r}, init={self.init!r}, "
