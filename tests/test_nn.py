@@ -457,6 +457,46 @@ def test_batched_forward_matches_members():
     assert ens.template.blocks[0].attn.record  # restored after vmap
 
 
+class _TiedLM(torch.nn.Module):
+    """A toy language model whose output head is tied to its embedding."""
+
+    def __init__(self, g):
+        super().__init__()
+        gen = torch.Generator().manual_seed(g)
+        self.embed = torch.nn.Embedding(7, 4).double()
+        self.head = torch.nn.Linear(4, 7, bias=False).double()
+        with torch.no_grad():
+            self.embed.weight.copy_(torch.randn(7, 4, generator=gen, dtype=torch.float64))
+        self.head.weight = self.embed.weight  # tied
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.embed(idx)))
+
+
+def test_ensemble_keeps_tied_weights():
+    # moving the template to the meta device must not untie a head from its embedding:
+    # an untied copy would compute with uninitialised memory, silently
+    members = [_TiedLM(g) for g in range(2)]
+    ens = Ensemble(lambda g: _TiedLM(g), 2)
+    assert ens.template.head.weight is ens.template.embed.weight
+    idx = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    tgt = torch.tensor([[2, 3, 4], [5, 6, 0]])
+
+    def loss_fn(out, t):
+        return torch.nn.functional.cross_entropy(out.reshape(-1, 7), t.reshape(-1))
+
+    loss, out = ens.loss_and_grad(loss_fn, idx, torch.stack([tgt, tgt]), shared_input=True)
+    for g, m in enumerate(members):
+        ref = loss_fn(m(idx), tgt)
+        ref.backward()
+        assert torch.allclose(loss[g], ref.detach(), rtol=1e-12)
+        assert torch.allclose(ens.params[0].grad[g], m.embed.weight.grad, rtol=1e-10)
+        mg = ens.member(g)
+        assert mg.head.weight is mg.embed.weight
+        assert torch.allclose(mg(idx), m(idx), rtol=1e-12)
+    assert len(ens.names) == 1  # one stacked tensor for the tied pair
+
+
 def test_uniform_normalization_is_the_trap_limit():
     att = _att(normalization="uniform")
     x = _x()

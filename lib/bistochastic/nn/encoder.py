@@ -112,6 +112,24 @@ class SinkhornEncoder(nn.Module):
         return [b.attn for b in self.blocks]
 
 
+def _retied(src: nn.Module, dst: nn.Module) -> nn.Module:
+    """Give ``dst`` (a converted copy of ``src``) the weight ties of ``src``.
+
+    ``Module.to("meta")`` and ``to_empty`` replace every parameter by a new object, so a weight
+    that ``src`` shares between two modules (a language model's output head tied to its
+    embedding) becomes two; ``functional_call`` would then fill only one of them, and the
+    other would silently hold uninitialised memory. Returns ``dst``, re-tied in place."""
+    first: Dict[int, str] = {}
+    for name, p in src.named_parameters(remove_duplicate=False):
+        if id(p) not in first:
+            first[id(p)] = name
+            continue
+        owner, _, attr = name.rpartition(".")
+        setattr(dst.get_submodule(owner) if owner else dst, attr,
+                dst.get_parameter(first[id(p)]))
+    return dst
+
+
 class Ensemble(nn.Module):
     """``G`` independently initialised copies of a module, run as one batched program.
 
@@ -143,7 +161,7 @@ class Ensemble(nn.Module):
         self.params = nn.ParameterList(nn.Parameter(params[k]) for k in self.names)
         self._buffers_stacked: Dict[str, Tensor] = buffers
         # the template holds no state of its own: it is the code that functional_call runs
-        self._template = [copy.deepcopy(members[0]).to("meta")]
+        self._template = [_retied(members[0], copy.deepcopy(members[0]).to("meta"))]
 
     @property
     def template(self) -> nn.Module:
@@ -226,10 +244,15 @@ class Ensemble(nn.Module):
         """An ordinary module with member ``g``'s current weights (and gradients), on their device."""
         if not 0 <= g < self.size:
             raise ValueError(f"`g` must be in [0, {self.size}); got {g!r}")
-        m = copy.deepcopy(self.template).to_empty(device=self.params[0].device)
-        sd = {k: p[g].detach().clone() for k, p in zip(self.names, self.params)}
-        sd.update({k: b[g].clone() for k, b in self._buffers_stacked.items()})
-        m.load_state_dict(sd)
+        m = _retied(self.template,
+                    copy.deepcopy(self.template).to_empty(device=self.params[0].device))
+        own_params, own_buffers = dict(m.named_parameters()), dict(m.named_buffers())
+        # named_parameters lists a tied weight once (load_state_dict would ask for both names)
+        with torch.no_grad():
+            for k, p in zip(self.names, self.params):
+                own_params[k].copy_(p[g])
+            for k, b in self._buffers_stacked.items():
+                own_buffers[k].copy_(b[g])
         if with_grads:
             own = dict(m.named_parameters())
             for k, p in zip(self.names, self.params):
