@@ -757,8 +757,9 @@ def test_blocked_sweep_matches_two_full_products(monkeypatch, dtype, eps, tol, m
 
 
 def test_blocked_sweep_is_used_and_agrees_with_pot_on_a_large_matrix(monkeypatch):
-    """Default block size, a matrix above the blocking threshold (n = 600, float64): the plan
-    matches POT's sinkhorn_log run to convergence."""
+    """Default block size, a matrix above the blocking threshold (n = 600, float64): the blocked
+    sweep runs on one thread (not on two) and its plan matches POT's sinkhorn_log run to
+    convergence."""
     ot = pytest.importorskip("ot")
     calls = []
     real_mv = torch.mv
@@ -768,9 +769,18 @@ def test_blocked_sweep_is_used_and_agrees_with_pot_on_a_large_matrix(monkeypatch
         return real_mv(*args, **kw)
 
     C, a, b = _problem(600, 600, seed=5)
+    old = torch.get_num_threads()
     monkeypatch.setattr(torch, "mv", spy)
-    res = bs.sinkhorn(C, 0.01, a, b, tol=1e-9, max_iter=5000)
-    monkeypatch.setattr(torch, "mv", real_mv)
+    try:
+        torch.set_num_threads(2)  # several threads: two full products, no blocks
+        bs.sinkhorn(C, 0.01, a, b, tol=1e-9, max_iter=5000)
+        assert calls and all(s[0] == 600 for s in calls), "blocks used with two threads"
+        calls.clear()
+        torch.set_num_threads(1)  # one thread: the blocked sweep
+        res = bs.sinkhorn(C, 0.01, a, b, tol=1e-9, max_iter=5000)
+    finally:
+        torch.set_num_threads(old)
+        monkeypatch.setattr(torch, "mv", real_mv)
     assert any(s[0] < 600 for s in calls), "the blocked sweep was not used"
     _assert_honest(res, a, b)
     P = ot.sinkhorn(a.numpy(), b.numpy(), C.numpy(), 0.01, method="sinkhorn_log",

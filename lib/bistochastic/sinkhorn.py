@@ -521,10 +521,14 @@ def _absorb_solve(
     # One pass over the kernel per iteration (a single matrix larger than a cache): the row
     # update and the column product run block by block, each block of rows read from memory once
     # and re-read from cache, instead of two full matrix-vector products. Same updates, same
-    # order (Gauss-Seidel), only the summation order of the column product differs.
+    # order (Gauss-Seidel), only the summation order of the column product differs. On one
+    # thread only: with several, the four small operations per block each open a parallel
+    # region, and two full multi-threaded products are faster (measured at n = 1024 and 4096,
+    # two threads: 1.1-1.3x faster without blocks; benchmarks/README.md).
     blocks = None
     itemsize = torch.finfo(dtype).bits // 8
     if (len(shape) == 2 and sa is None and device.type == "cpu"
+            and torch.get_num_threads() == 1
             and _SWEEP_BLOCK_BYTES > 0 and n * m * itemsize > 4 * _SWEEP_BLOCK_BYTES):
         rows_per = max(8, _SWEEP_BLOCK_BYTES // (m * itemsize)) // 8 * 8
         blocks = [(i0, min(i0 + rows_per, n)) for i0 in range(0, n, rows_per)]
