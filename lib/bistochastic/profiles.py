@@ -155,7 +155,7 @@ TABLE: Dict[str, Dict[str, Dict[str, Any]]] = {
     },
     "15_sinkhorn_attention": {
         "ci": {"T": 8, "d": 32, "heads": 2, "batch": 16, "steps": 60, "lr": 5e-3, "n_iter": 8,
-               "taus": (10.0,), "seeds": (0, 1, 2), "depths": (1, 2, 4), "test_size": 256,
+               "taus": (10.0,), "seeds": (0, 1, 2), "depths": (1, 2, 4, 8), "test_size": 256,
                "n_checkpoints": 3, "sweep_taus": (0.1, 1000.0, 9),
                "pc_T": 12, "pc_batch": 32, "pc_steps": 120, "pc_lr": 1e-2, "pc_taus": (1.0, 10.0),
                "pc_test": 512},
