@@ -91,8 +91,11 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     methods = list(args.methods)
     versions = {"torch": torch.__version__, "pot": pot_version()}
-    if dev.type == "cpu" and "fused" in methods:
-        os.environ["BISTOCHASTIC_FUSED"] = "cpu"
+    # `fused` calls the compiled solver directly; `ours` is what a user's `bs.sinkhorn` call runs
+    # (on CPU tensors the eager engine, on CUDA the fused path): do not force a dispatch here
+    # (forcing BISTOCHASTIC_FUSED=cpu made `ours` the fused path too).
+    if dev.type == "cpu" and os.environ.get("BISTOCHASTIC_FUSED", "auto").lower() == "cpu":
+        print("# BISTOCHASTIC_FUSED=cpu is set: `ours` runs the fused path on the CPU")
     if dev.type == "cuda" and not _fused.use_fused(torch.empty(1, device=dev)):
         print("# fused: Triton not available on this CUDA setup: fused/compile skipped")
         methods = [m for m in methods if m not in ("fused", "compile")]
