@@ -197,6 +197,22 @@ class TrainLog:
     stream_spread: List[float] = field(default_factory=list)
     mixing: List[Tensor] = field(default_factory=list)
 
+    def add(self, step: int, ev: Dict[str, object], running: Sequence[float], grad_norm: float,
+            res_grad_norm: float) -> None:
+        """Append one evaluation: ``ev`` from :func:`evaluate`, ``running`` the training losses
+        since the last evaluation (their mean is logged; ``nan`` if none)."""
+        self.step.append(step)
+        self.val_loss.append(ev["val_loss"])
+        self.train_loss.append(sum(running) / len(running) if running else float("nan"))
+        self.grad_norm.append(grad_norm)
+        self.res_grad_norm.append(res_grad_norm)
+        if "id_dist" in ev:
+            self.id_dist.append(ev["id_dist"])
+            self.sigma2_prod.append(ev["sigma2_prod"])
+            self.sigma2_layers.append(ev["sigma2_layers"])
+            self.stream_spread.append(ev["stream_spread"])
+            self.mixing.append(ev["mixing"])
+
 
 @torch.no_grad()
 def evaluate(model: GPT, x: Tensor, y: Tensor) -> Dict[str, object]:
@@ -255,17 +271,7 @@ def train(model: GPT, corpus: Corpus, *, steps: int, batch_size: int = 16, lr: f
         model.eval()
         ev = evaluate(model, xv, yv)
         model.train()
-        log.step.append(step)
-        log.val_loss.append(ev["val_loss"])
-        log.train_loss.append(sum(running) / len(running) if running else float("nan"))
-        log.grad_norm.append(gn)
-        log.res_grad_norm.append(rgn)
-        if "id_dist" in ev:
-            log.id_dist.append(ev["id_dist"])
-            log.sigma2_prod.append(ev["sigma2_prod"])
-            log.sigma2_layers.append(ev["sigma2_layers"])
-            log.stream_spread.append(ev["stream_spread"])
-            log.mixing.append(ev["mixing"])
+        log.add(step, ev, running, gn, rgn)
         running.clear()
 
     record(0)
@@ -346,19 +352,7 @@ def train_ensemble(models: Sequence[GPT], corpus: Corpus, *, steps: int, generat
                     own_buf[k].copy_(b[g])
             scratch.eval()
             ev = evaluate(scratch, xv, yv)
-            log = logs[g]
-            log.step.append(step)
-            log.val_loss.append(ev["val_loss"])
-            log.train_loss.append(sum(running[g]) / len(running[g]) if running[g]
-                                  else float("nan"))
-            log.grad_norm.append(gn[g])
-            log.res_grad_norm.append(rgn[g])
-            if "id_dist" in ev:
-                log.id_dist.append(ev["id_dist"])
-                log.sigma2_prod.append(ev["sigma2_prod"])
-                log.sigma2_layers.append(ev["sigma2_layers"])
-                log.stream_spread.append(ev["stream_spread"])
-                log.mixing.append(ev["mixing"])
+            logs[g].add(step, ev, running[g], gn[g], rgn[g])
             running[g].clear()
 
     def one(p, b, x, y):
