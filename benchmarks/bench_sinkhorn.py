@@ -39,21 +39,15 @@ from bistochastic.bench import (_pot, autograd_saved_bytes, bench_dense, bench_t
                                 copy_bandwidth, make_problem, pot_version, sync, timeit)
 
 
-def raw_sk_ms_per_it(n, eps, dtype, dev, reps, iters=20):
-    """One raw scaling-domain Sinkhorn-Knopp iteration (two GEMVs with a precomputed kernel,
-    ``u = a / K v``, ``v = b / Kᵀ u``): the practical per-iteration limit of any dense solver."""
-    C, a, b = make_problem(n, dtype, dev)
-    K = torch.exp(-C / eps)
-
-    def run():
-        u, v = torch.ones_like(a), torch.ones_like(b)
-        for _ in range(iters):
-            u = a / torch.mv(K, v)
-            v = b / torch.mv(K.t(), u)
-        return v
-
-    t, _ = timeit(run, dev, reps)
-    return t / iters * 1e3
+def raw_sk(K, a, b, iters):
+    """``iters`` raw scaling-domain Sinkhorn-Knopp iterations (two GEMVs with a precomputed
+    kernel, ``u = a / K v``, ``v = b / Kᵀ u``): the practical per-iteration limit of any dense
+    solver."""
+    u, v = torch.ones_like(a), torch.ones_like(b)
+    for _ in range(iters):
+        u = a / torch.mv(K, v)
+        v = b / torch.mv(K.t(), u)
+    return v
 
 
 def sk_count_its(K, a, b, tol, max_iter=100000, check_every=10):
@@ -89,11 +83,7 @@ def dense_interleaved(n, eps, tol, dtype, dev, reps, threads_list, pot_sample_it
         return sinkhorn(C, eps, a, b, tol=tol, max_iter=100000, grad="none", warn=False)
 
     def raw():
-        u, v = torch.ones_like(a), torch.ones_like(b)
-        for _ in range(raw_k):
-            u = a / torch.mv(K, v)
-            v = b / torch.mv(K.t(), u)
-        return v
+        return raw_sk(K, a, b, raw_k)
 
     def pot():
         with warnings.catch_warnings():
