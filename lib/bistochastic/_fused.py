@@ -32,7 +32,6 @@ tensors too (the tests use this: the compiled graph is the same, only the code g
 from __future__ import annotations
 
 import functools
-import math
 import os
 import types
 import warnings
@@ -40,6 +39,8 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from . import _overrelax
 
 __all__ = ["backend", "use_fused", "try_solve_detached", "try_log_block", "solve_detached", "log_block", "plan_and_error", "disable"]
 
@@ -206,15 +207,6 @@ def plan_and_error(Kc: Tensor, F: Tensor, G: Tensor, a: Tensor, b: Tensor) -> Tu
     return P, _marginal_error_eager(P, a.expand(P.shape[:-1]), b.expand(P.shape[:-2] + P.shape[-1:]))
 
 
-def _omega_from_rate(rate: float) -> float:
-    """Optimal over-relaxation for a linear rate (Lehmann et al. 2021), clipped to [1, 1.9]
-    (the rule of the eager solver)."""
-    if not math.isfinite(rate) or rate <= 0:
-        return 1.0
-    rate = min(rate, 0.9999)
-    return float(min(max(2.0 / (1.0 + math.sqrt(1.0 - rate)), 1.0), 1.9))
-
-
 @torch.no_grad()
 def solve_detached(
     Kc: Tensor,
@@ -284,11 +276,7 @@ def solve_detached(
             omega, adaptive = 1.0, False
             continue
         if adaptive:
-            emax = float(err.max())
-            if err_prev is not None and err_prev > 0 and emax > 0:
-                rate = (emax / err_prev) ** (1.0 / k)
-                omega = _omega_from_rate(rate * rate) if rate < 1.0 else 1.0
-            err_prev = emax
+            omega, err_prev = _overrelax.adapt(err, err_prev, k, omega)
     n_iter = torch.where(n_iter < 0, torch.full_like(n_iter, it), n_iter)
     P, err = plan_and_error(Kc, F, G, a, b)
     if history:

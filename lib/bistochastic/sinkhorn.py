@@ -60,7 +60,7 @@ from typing import Literal, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import _fused
+from . import _fused, _overrelax
 from ._checks import integer_arg, nonneg_finite, positive_finite
 
 __all__ = [
@@ -346,15 +346,6 @@ def marginal_error(plan: Tensor, a: Tensor, b: Tensor) -> Tensor:
     row = (plan.sum(-1) - a).abs().sum(-1)
     col = (plan.sum(-2) - b).abs().sum(-1)
     return torch.maximum(row, col) / a.sum(-1)
-
-
-def _omega_from_rate(rate: float) -> float:
-    """Optimal over-relaxation for a linear rate ``rate`` (Lehmann et al. 2021), clipped to [1, 1.9]."""
-    if not math.isfinite(rate) or rate <= 0:
-        return 1.0
-    rate = min(rate, 0.9999)
-    om = 2.0 / (1.0 + math.sqrt(1.0 - rate))
-    return float(min(max(om, 1.0), 1.9))
 
 
 def _safe_log(x: Tensor, mask: Optional[Tensor]) -> Tensor:
@@ -695,11 +686,7 @@ def _absorb_solve(
                     G_ref, v, Ev, fresh, pre = G_abs, torch.ones_like(G_abs), None, True, None
                     continue
             if adaptive:
-                emax = float(err.max())
-                if err_prev is not None and err_prev > 0 and emax > 0:
-                    rate = (emax / err_prev) ** (1.0 / k)
-                    omega = _omega_from_rate(rate * rate) if rate < 1.0 else 1.0
-                err_prev = emax
+                omega, err_prev = _overrelax.adapt(err, err_prev, k, omega)
         if bool((lu.abs().amax() > tau) | (lv.abs().amax() > tau)):
             F_abs, G_abs = absorb(u, v, zmax, G_ref)
             E, zmax, u = build(G_abs)
@@ -836,11 +823,7 @@ def _solve_detached(
             omega, adaptive = 1.0, False
             continue
         if adaptive:
-            emax = float(err.max())
-            if err_prev is not None and err_prev > 0 and emax > 0:
-                rate = (emax / err_prev) ** (1.0 / k)
-                omega = _omega_from_rate(rate * rate) if rate < 1.0 else 1.0
-            err_prev = emax
+            omega, err_prev = _overrelax.adapt(err, err_prev, k, omega)
     n_iter = torch.where(n_iter < 0, torch.full_like(n_iter, it), n_iter)
     if P is None:  # ended on a rolled-back block: the returned plan is rebuilt, and re-checked
         P = L.plan(F, G)
