@@ -13,6 +13,7 @@ import tomllib
 from pathlib import Path
 
 import yaml
+from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
@@ -25,16 +26,29 @@ def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def book_pins() -> dict[str, str]:
-    out = {}
+def _pin_lines() -> list[tuple[str, str, str]]:
+    """``(name, version, marker)`` of every pin (marker ``""`` when the pin applies everywhere)."""
+    out = []
     for line in PINS.read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
-        m = re.fullmatch(r"([A-Za-z0-9_.\-]+)\s*==\s*([^\s;]+)", line)
+        m = re.fullmatch(r"([A-Za-z0-9_.\-]+)\s*==\s*([^\s;]+)\s*(?:;\s*(.+))?", line)
         assert m, f"{PINS.name}: not an exact pin: {line!r} (the book pins every dependency with ==)"
-        out[_norm(m.group(1))] = m.group(2)
+        out.append((_norm(m.group(1)), m.group(2), m.group(3) or ""))
     return out
+
+
+def book_pins() -> dict[str, str]:
+    return {name: ver for name, ver, _ in _pin_lines()}
+
+
+def test_pins_with_markers_match_the_package_markers():
+    # a platform-limited pin (triton: Linux wheels only) must be limited in pyproject.toml alike
+    declared = {_norm(r.name): r.marker for reqs in package_requirements().values() for r in reqs}
+    for name, _, marker in _pin_lines():
+        want = Marker(marker) if marker else None
+        assert str(declared[name] or "") == str(want or ""), (name, declared[name], marker)
 
 
 def package_requirements() -> dict[str, list[Requirement]]:
@@ -119,7 +133,9 @@ def test_installed_versions_match_the_pins():
     from importlib.metadata import PackageNotFoundError, version
 
     wrong = {}
-    for name, pin in book_pins().items():
+    for name, pin, marker in _pin_lines():
+        if marker and not Marker(marker).evaluate():
+            continue  # not for this platform
         try:
             got = version(name)
         except PackageNotFoundError:

@@ -14,7 +14,10 @@ is never over-relaxed), so the solver keeps its validation, centring, support ma
 reporting and gradients, and only swaps the inner loop:
 
 * :func:`solve_detached` replaces ``sinkhorn._solve_detached`` (no autograd: ``grad="none"``,
-  ``"implicit"``, or no input requiring grad), dense problems and batched tiny ones alike;
+  ``"implicit"``, or no input requiring grad), dense problems and batched tiny ones alike; a fixed
+  sweep count with plain updates on matrices of at most 32 x 32 (the mHC shape) runs as one
+  hand-written Triton kernel instead (:mod:`bistochastic._triton`: each matrix stays in registers
+  for all sweeps, where Inductor's kernels stream the batch through memory twice per sweep);
 * :func:`log_block` computes ``sinkhorn._log_block`` (plain updates) differentiably; compiled with
   AOTAutograd its backward is fused too (the tiny-batch training shape). It is NOT hooked into the
   solver's unrolled loop: a compiled backward supports neither double backward (Hessians,
@@ -40,7 +43,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _overrelax
+from . import _overrelax, _triton
 
 __all__ = ["backend", "use_fused", "try_solve_detached", "try_log_block", "solve_detached", "log_block", "plan_and_error", "disable"]
 
@@ -246,6 +249,12 @@ def solve_detached(
         sa, sb = torch.isfinite(loga).expand(batch + (n,)), torch.isfinite(logb).expand(batch + (m,))
     omega = float(momentum) if isinstance(momentum, (int, float)) else 1.0
     adaptive = momentum == "adaptive"
+    if fixed and omega == 1.0 and sa is None and _triton.available(Kc):
+        # a batch of tiny matrices, fixed sweeps (the mHC shape): one Triton kernel keeps each
+        # matrix in registers for every sweep and writes the plan once
+        F, G, P = _triton.tiny_solve(Kc, loga, logb, F, G, max_iter)
+        err = _marginal_error_eager(P, a, b)
+        return F, G, P, err, torch.full_like(n_iter, max_iter), max_iter, [err]
     err_prev: Optional[float] = None
     it = 0
     while it < max_iter:
