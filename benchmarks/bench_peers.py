@@ -115,8 +115,8 @@ def main(argv=None):
             versions.update(jax=jax.__version__, ott=ott.__version__)
             if dev.type == "cuda" and jax.default_backend() == "cpu":
                 print("# ott: jax has no GPU backend here: OTT runs on the CPU (not comparable)")
-        except ImportError as exc:
-            print(f"# ott: skipped (OTT-JAX/jax not installed: {exc})")
+        except Exception as exc:  # absent, or built for another jax
+            print(f"# ott: skipped (OTT-JAX/jax not installed or not importable: {exc!r})")
             methods.remove("ott")
     if "geomloss" in methods:
         try:
@@ -124,8 +124,8 @@ def main(argv=None):
             from geomloss import ot as gl_ot
 
             versions["geomloss"] = geomloss.__version__
-        except ImportError as exc:
-            print(f"# geomloss: skipped (not installed: {exc})")
+        except Exception as exc:
+            print(f"# geomloss: skipped (not installed or not importable: {exc!r})")
             methods.remove("geomloss")
     if "pot" in methods and versions["pot"] == "absent":
         print("# pot: skipped (POT not installed)")

@@ -182,6 +182,8 @@ def main(argv=None):
     ap.add_argument("--tiny-grad", action="store_true",
                     help="also time forward+backward (unroll, implicit, eager-loop autograd) and "
                          "the bytes saved for the backward, 20 sweeps")
+    ap.add_argument("--tiny-compile", action="store_true",
+                    help="also time torch.compile of the plain tiny loop")
     ap.add_argument("--raw", action="store_true",
                     help="dense: ours, a raw scaling-domain Sinkhorn-Knopp iteration (two GEMVs "
                          "with a precomputed kernel) and POT, interleaved in one process, minimum "
@@ -258,7 +260,7 @@ def main(argv=None):
         bw_t = copy_bandwidth(dev, tdt)
         for tn in args.tiny_sizes:
             B = max(1, args.tiny_batch * 16 // (tn * tn))
-            r = bench_tiny(B, tn, 20, tdt, dev, args.reps, bw_t)
+            r = bench_tiny(B, tn, 20, tdt, dev, args.reps, bw_t, compiled=args.tiny_compile)
             rows.append(r)
             print(f"\n## Batched tiny problems: {r['B']} matrices of {tn}x{tn}, 20 iterations, "
                   f"{r['dtype']}")
@@ -267,6 +269,12 @@ def main(argv=None):
                   f"{r.get('pot_batch_ms', float('nan')):.2f} ms | plain/ours {r['plain_over_ours']:.2f} | "
                   f"POT/ours {r.get('pot_over_ours', float('nan')):.2f} | ours/floor {r['ours_over_floor']:.1f} | "
                   f"max marginal error after 20 its {r['max_row_err_ours']:.1e}")
+            print(f"single-pass floor {r['single_pass_floor_ms']:.3f} ms | ours/single-pass "
+                  f"{r['ours_over_single_pass']:.1f}"
+                  + (f" | compile {r['compile_ms']:.2f} ms, compile/single-pass "
+                     f"{r['compile_over_single_pass']:.1f}" if "compile_ms" in r else "")
+                  + (f" | Triton kernel alone {r['kernel_ms']:.3f} ms, kernel/single-pass "
+                     f"{r['kernel_over_single_pass']:.1f}" if "kernel_ms" in r else ""))
             if args.tiny_grad:
                 g = bench_tiny_grad(B, tn, 20, tdt, dev, args.reps)
                 rows.append(g)

@@ -224,3 +224,85 @@ def test_solver_hook_if_merged(monkeypatch):
     # every reported number describes the returned plan, on the fused path too
     assert torch.equal(d1.marginal_error, bs.marginal_error(d1.plan, a, b))
     assert torch.equal(t1.marginal_error, bs.marginal_error(t1.plan, ones, ones))
+
+
+# -------------------------------------------------------------------------------------- GPU
+# The same checks on CUDA, where bs.sinkhorn dispatches to the fused path by itself and Inductor
+# generates Triton kernels. They run only where a GPU is present (`pytest -m gpu`); the CPU tests
+# above already cover the graphs. Each asserts that the fused path really ran (no silent fallback).
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+
+
+@pytest.fixture
+def _inductor(monkeypatch):
+    monkeypatch.setenv("BISTOCHASTIC_FUSED_BACKEND", "inductor")
+    monkeypatch.setenv("BISTOCHASTIC_FUSED", "auto")
+
+
+def _no_fallback(fn):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # `disable` warns when it falls back
+        out = fn()
+    assert not _fused._FAILED
+    return out
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("momentum", [None, "adaptive"])
+def test_gpu_public_solver_takes_the_fused_path(_inductor, dtype, tol, momentum):
+    n, eps = 512, 0.02
+    C, a, b = make_problem(n, dtype, "cpu")
+    assert _fused.use_fused(C.cuda())
+    ref = bs.sinkhorn(C.double(), eps, a.double(), b.double(), tol=1e-12, grad="none",
+                      engine="log", warn=False)
+    out = _no_fallback(lambda: bs.sinkhorn(C.cuda(), eps, a.cuda(), b.cuda(), tol=tol,
+                                           grad="none", momentum=momentum))
+    assert out.plan.device.type == "cuda" and out.plan.dtype == dtype
+    assert bool(out.converged) and float(out.marginal_error) <= tol
+    # the reported error describes the returned plan (recomputed on the device, same formula)
+    assert float(out.marginal_error) == float(bs.marginal_error(out.plan, a.cuda(), b.cuda()))
+    # a relative L1 marginal error tol bounds the entrywise distance to the exact plan by O(tol/n)
+    torch.testing.assert_close(out.plan.cpu().double(), ref.plan, rtol=0, atol=10 * tol / n)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("n", [2, 4, 8, 16])
+def test_gpu_tiny_batch_matches_cpu(_inductor, monkeypatch, n):
+    # fixed sweeps on tiny matrices: the one-kernel Triton path (bistochastic._triton), compiled
+    from bistochastic import _triton
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4096, n, n, generator=g, dtype=torch.float64)
+    ref = bs.project_dsm(logits, tau=0.5, n_iter=20, engine="log", momentum=None, warn=False)
+    calls = []
+    real = _triton.tiny_solve
+    monkeypatch.setattr(_triton, "tiny_solve", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = _no_fallback(lambda: bs.project_dsm(logits.float().cuda(), tau=0.5, n_iter=20,
+                                              warn=False))
+    assert calls == [1]
+    assert out.plan.device.type == "cuda" and out.plan.dtype == torch.float32
+    torch.testing.assert_close(out.plan.cpu().double(), ref.plan, rtol=0, atol=2e-6)
+    ones = torch.ones(4096, n, device="cuda")
+    assert torch.equal(out.marginal_error, bs.marginal_error(out.plan, ones, ones))
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_implicit_gradient_matches_cpu(_inductor):
+    # fused forward, implicit backward on the device; the CPU eager solver is the reference
+    g = torch.Generator().manual_seed(4)
+    C = torch.rand(4, 48, 48, generator=g, dtype=torch.float64)
+    W = torch.randn(4, 48, 48, generator=g, dtype=torch.float64)
+    grads = []
+    for dev in ("cpu", "cuda"):
+        X = C.to(dev).requires_grad_()
+        res = _no_fallback(lambda: bs.sinkhorn(X, 0.05, tol=1e-12, grad="implicit",
+                                               max_iter=20000))
+        (gr,) = torch.autograd.grad((res.plan * W.to(dev)).sum(), X)
+        grads.append(gr.cpu())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-9)
+    assert float(grads[0].abs().max()) > 1e-3

@@ -509,3 +509,23 @@ def test_uniform_normalization_is_the_trap_limit():
     att(x, mask)
     M = att.last_mixing
     assert torch.allclose(M[..., :4], torch.full_like(M[..., :4], 0.25)) and bool((M[..., 4:] == 0).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.parametrize("normalization", ["sinkhorn", "softmax"])
+def test_gpu_attention_matches_cpu(normalization):
+    # device follows the input: the same layer on CUDA gives the CPU's output and gradients
+    att = _att(normalization=normalization)
+    att_gpu = _att(normalization=normalization).cuda()
+    att_gpu.load_state_dict(att.state_dict())
+    x = _x()
+    outs, grads = [], []
+    for layer, dev in ((att, "cpu"), (att_gpu, "cuda")):
+        xi = x.to(dev, copy=True).requires_grad_()  # a fresh leaf on each device
+        y = layer(xi)
+        (y.square().sum()).backward()
+        outs.append(y.detach().cpu())
+        grads.append(xi.grad.cpu())
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-8, atol=1e-10)
