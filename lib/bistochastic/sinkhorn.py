@@ -267,7 +267,11 @@ def _validate(
     b: Optional[Tensor],
     check_inputs: bool,
     allow_inf_cost: bool,
+    trusted: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Shapes, dtypes and values of the inputs. ``trusted``: the caller already checked the
+    cost's values and built the marginals itself (positive, equal mass), so their value checks,
+    one host synchronisation each on a GPU, are skipped."""
     if not isinstance(cost, Tensor):
         raise ValueError("`cost` must be a torch.Tensor of shape (..., n, m)")
     _check_tensor_kind("cost", cost)
@@ -279,7 +283,7 @@ def _validate(
     cdtype = _compute_dtype(cost.dtype)
     C = cost.to(cdtype)
     # value checks are data-dependent control flow, which torch.func transforms cannot run
-    check_inputs = check_inputs and not _under_functorch(cost, a, b)
+    check_inputs = check_inputs and not _under_functorch(cost, a, b) and not trusted
     if check_inputs:
         if allow_inf_cost:
             if not _all_finite(C) and bool((torch.isnan(C) | (C == -math.inf)).any()):
@@ -1060,6 +1064,7 @@ def _sinkhorn(cost, eps, a, b, **kw) -> SinkhornResult:
 def _sinkhorn_impl(
     cost, eps, a, b, *, tol, max_iter, n_iter, check_every, grad, init, engine, momentum, warn,
     check_inputs, cg_tol, cg_max_iter, allow_inf_cost: bool = False, eps_name: str = "eps",
+    trusted: bool = False,
 ) -> SinkhornResult:
     if grad not in ("unroll", "implicit", "none"):
         raise ValueError(f"`grad` must be 'unroll', 'implicit' or 'none'; got {grad!r}")
@@ -1078,7 +1083,7 @@ def _sinkhorn_impl(
         raise ValueError(f"`momentum` must be None, 'adaptive' or a float in [1, 2); got {momentum!r}")
 
     out_dtype = cost.dtype if isinstance(cost, Tensor) else None
-    C, a_, b_ = _validate(cost, a, b, check_inputs, allow_inf_cost)
+    C, a_, b_ = _validate(cost, a, b, check_inputs, allow_inf_cost, trusted)
     ep = _validate_eps(eps, C, eps_name)  # float, or a tensor (graph kept)
     batch = C.shape[:-2]
     n, m = C.shape[-2], C.shape[-1]
@@ -1103,7 +1108,7 @@ def _sinkhorn_impl(
 
     # support masks (None on the fast path where every weight is positive)
     with torch.no_grad():
-        has_zero = False if transformed else bool((a_ == 0).any() | (b_ == 0).any())
+        has_zero = False if (transformed or trusted) else bool((a_ == 0).any() | (b_ == 0).any())
     sa = (a_ > 0).expand(batch + (n,)) if has_zero else None
     sb = (b_ > 0).expand(batch + (m,)) if has_zero else None
 
@@ -1359,4 +1364,6 @@ def project_dsm(logits: Tensor, tau: EpsLike = 1.0, **kw) -> SinkhornResult:
     if unknown:
         raise TypeError(f"project_dsm() got unexpected keyword argument(s) {sorted(unknown)}")
     opts.update(kw)
-    return _sinkhorn(-logits, tau, ones, ones, allow_inf_cost=True, eps_name="tau", **opts)
+    # the logits were checked above and the marginals are our own ones: no second value check
+    return _sinkhorn(-logits, tau, ones, ones, allow_inf_cost=True, eps_name="tau", trusted=True,
+                     **opts)
