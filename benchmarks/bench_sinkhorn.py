@@ -68,10 +68,12 @@ def sk_count_its(K, a, b, tol, max_iter=100000, check_every=10):
     return it
 
 
-def dense_interleaved(n, eps, tol, dtype, dev, reps, threads_list, pot_sample_its):
-    """Time to tolerance of ours, the raw two-GEMV Sinkhorn-Knopp iteration and POT
-    ``sinkhorn_log``, runs interleaved (for each repetition: every thread count, ours, raw, POT),
-    minimum over ``reps`` after one warm-up; returns one row per thread count."""
+def dense_interleaved(n, eps, tol, dtype, dev, reps, threads_list, pot_sample_its,
+                      momenta=(None,)):
+    """Time to tolerance of ours (once per entry of ``momenta``; ``None``: the default), the raw
+    two-GEMV Sinkhorn-Knopp iteration and POT ``sinkhorn_log``, runs interleaved (for each
+    repetition: every thread count, ours, raw, POT), minimum over ``reps`` after one warm-up;
+    returns one row per thread count and momentum."""
     ot = _pot()
     C, a, b = make_problem(n, dtype, dev)
     K = torch.exp(-C / eps)
@@ -79,8 +81,10 @@ def dense_interleaved(n, eps, tol, dtype, dev, reps, threads_list, pot_sample_it
     pot_k = pot_its if not pot_sample_its else min(pot_its, pot_sample_its)
     raw_k = 20
 
-    def ours():
-        return sinkhorn(C, eps, a, b, tol=tol, max_iter=100000, grad="none", warn=False)
+    def ours(mom):
+        kw = {} if mom is None else {"momentum": mom}
+        return lambda: sinkhorn(C, eps, a, b, tol=tol, max_iter=100000, grad="none", warn=False,
+                                **kw)
 
     def raw():
         return raw_sk(K, a, b, raw_k)
@@ -101,7 +105,8 @@ def dense_interleaved(n, eps, tol, dtype, dev, reps, threads_list, pot_sample_it
     for rep in range(reps + 1):  # the first round is the warm-up
         for th in threads_list:
             torch.set_num_threads(th)
-            for name, fn in (("ours", ours), ("raw", raw), ("pot", pot)):
+            for name, fn in ([(("ours", m), ours(m)) for m in momenta]
+                             + [("raw", raw), ("pot", pot)]):
                 if name == "pot" and ot is None:
                     continue
                 dt, out = t(fn)
@@ -110,13 +115,13 @@ def dense_interleaved(n, eps, tol, dtype, dev, reps, threads_list, pot_sample_it
                     continue
                 times.setdefault((th, name), []).append(dt)
     rows = []
-    for th in threads_list:
-        r = res[(th, "ours")]
+    for th, mom in [(th, mom) for th in threads_list for mom in momenta]:
+        r = res[(th, ("ours", mom))]
         assert bool(r.converged), "bistochastic did not reach the tolerance"
-        to = times[(th, "ours")]
+        to = times[(th, ("ours", mom))]
         tr = [x / raw_k for x in times[(th, "raw")]]
         row = {"n": n, "eps": eps, "tol": tol, "dtype": str(dtype).split(".")[-1], "threads": th,
-               "ours_its": r.iterations, "ours_s": min(to), "ours_spread": max(to) / min(to),
+               "momentum": mom or "default", "ours_its": r.iterations, "ours_s": min(to), "ours_spread": max(to) / min(to),
                "ours_err": float(r.marginal_error), "raw_ms_per_it": min(tr) * 1e3,
                "raw_spread": max(tr) / min(tr)}
         row["ours_ms_per_it"] = row["ours_s"] / r.iterations * 1e3
@@ -191,6 +196,9 @@ def main(argv=None):
     ap.add_argument("--threads-list", type=int, nargs="*", default=None,
                     help="dense: repeat the dense rows at each of these thread counts (with "
                          "--raw: interleaved in each repetition)")
+    ap.add_argument("--momentum", nargs="*", default=None,
+                    help="with --raw: time ours once per momentum given (default, adaptive, "
+                         "anderson, a float), interleaved; default: the solver's default only")
     ap.add_argument("--pot-sample-its", type=int, default=0,
                     help="with --raw: time POT on this many iterations and scale to the "
                          "iteration count it needs (measured); 0 = the full run")
@@ -221,16 +229,19 @@ def main(argv=None):
               f"{args.reps} (spread = max/min); POT's iteration count measured with the "
               "scaling form of its iteration"
               + (f", POT timed on {args.pot_sample_its} of them" if args.pot_sample_its else ""))
-        print(f"{'n':>5} {'eps':>6} {'thr':>3} | {'ours its':>8} {'ms/it':>8} {'s':>7} {'sprd':>5} | "
+        moms = [None if m == "default" else (m if m in ("adaptive", "anderson") else float(m))
+                for m in (args.momentum or ["default"])]
+        print(f"{'n':>5} {'eps':>6} {'thr':>3} {'momentum':>9} | {'ours its':>8} {'ms/it':>8} {'s':>7} {'sprd':>5} | "
               f"{'raw ms/it':>9} {'sprd':>5} | {'ours/raw':>8} | {'POT its':>7} {'ms/it':>8} "
               f"{'s':>8} {'sprd':>5} | {'POT/ours':>8}")
         ths = args.threads_list or [torch.get_num_threads()]
         for n in args.sizes:
             for eps in args.eps:
                 for r in dense_interleaved(n, eps, args.tol, dtype, dev, args.reps, ths,
-                                           args.pot_sample_its):
+                                           args.pot_sample_its, moms):
                     rows.append(r)
-                    print(f"{n:>5} {eps:>6g} {r['threads']:>3} | {r['ours_its']:>8} "
+                    print(f"{n:>5} {eps:>6g} {r['threads']:>3} {r['momentum']:>9} | "
+                          f"{r['ours_its']:>8} "
                           f"{r['ours_ms_per_it']:>8.3f} {r['ours_s']:>7.3f} {r['ours_spread']:>5.2f} | "
                           f"{r['raw_ms_per_it']:>9.3f} {r['raw_spread']:>5.2f} | "
                           f"{r['ours_over_raw_per_it']:>8.2f} | {r.get('pot_its', 0):>7} "

@@ -28,6 +28,12 @@ runs fixed-iteration batches of tiny matrices (``n, m <= 16``, the mHC shape) in
 ``(n, m, batch)`` layout; none of this changes the iterations or what the result reports.
 
 Both accept over-relaxation (``momentum``), fixed or adaptive (Lehmann et al. 2021, as in OTT-JAX).
+The scaling engine also offers Anderson acceleration (``momentum="anderson"``, Walker & Ni 2011):
+it extrapolates the column potential from its last ``_ANDERSON_MEMORY`` (12) iterates and needs
+3.5-5x fewer iterations than adaptive over-relaxation (n = 1024: 16 against 70 at eps = 0.01, 47
+against 210 at 0.002), for about 0.3 ms of bookkeeping per iteration on this project's CPU. The default ``"auto"`` takes it for matrices of
+at least ``_ANDERSON_MIN_ENTRIES`` entries (where that bookkeeping costs less than the iterations
+it saves) and adaptive over-relaxation otherwise, on the fused GPU path and with zero weights.
 
 Three mechanisms make every solve honest and accurate:
 
@@ -488,7 +494,8 @@ def _absorb_solve(
     n_iter = torch.full(batch, -1, dtype=torch.long, device=device)
     history: list = []
     omega = float(momentum) if isinstance(momentum, (int, float)) else 1.0
-    adaptive = momentum == "adaptive"
+    # "anderson" runs its own loop below; with zero weights, or if it fails, adaptive relaxation
+    adaptive = momentum in ("adaptive", "anderson")
     err_prev = None
 
     # batched matmul beats the elementwise product-and-sum for every size measured (n = 2..16,
@@ -614,6 +621,25 @@ def _absorb_solve(
     else:
         E, zmax, u = build(G0)
     G_ref = G0
+    if momentum == "anderson" and sa is None:
+        def step(v_):
+            if blocks is not None:
+                return sweep(E_cur[0], None, v_)  # omega is 1 here: u_old is not read
+            u_ = div(a, row(E_cur[0], v_), None)
+            return u_, col(E_cur[0], u_)
+
+        def build_cur(G):
+            E_cur[0], zm, u_ = build(G)
+            return E_cur[0], zm, u_
+
+        E_cur = [E]
+        out = _anderson_loop(E, zmax, G0, a, b, asum, tol, max_iter, step, absorb, build_cur,
+                             materialise, tau)
+        if out is not None:
+            return out
+        # the accelerated iterates left the safe range: start again with adaptive relaxation
+        E, zmax, u = build(G0)
+        omega, adaptive = 1.0, True
     v = torch.ones_like(G0)
     Ev = None  # E v for the current v (reused by the next row update)
     fresh = True  # the row update of the next iteration was done by build()
@@ -701,6 +727,141 @@ def _absorb_solve(
     history.append(err)
     n_iter = torch.where(n_iter < 0, torch.full_like(n_iter, it), n_iter)
     return F, G, P, err, n_iter, it, history
+
+
+#: Iterates remembered by Anderson acceleration (``momentum="anderson"``).
+_ANDERSON_MEMORY = 12
+#: ``momentum="auto"`` takes Anderson acceleration from this many matrix entries on (n = m = 512).
+#: Measured on this project's CPU, one thread, eps in {0.05, 0.01, 0.002}, time to 1e-6 against
+#: adaptive relaxation: 1.2-1.9x faster at n = 512, 2.0-2.9x at 724, even at 362, 0.84-0.93x at
+#: 256 (there the bookkeeping of each iteration outweighs the iterations it saves).
+_ANDERSON_MIN_ENTRIES = 512 * 512
+
+
+def _small_lstsq(A: Tensor, rhs: Tensor) -> Tensor:
+    """``(A + δI)⁻¹ rhs`` for the ``k x k`` normal equations of Anderson acceleration
+    (``A (..., k, k)``, ``rhs (..., k, 1)``, ``k <= _ANDERSON_MEMORY``), ``δ`` a relative
+    Tikhonov term that keeps nearly collinear differences from blowing up the extrapolation.
+    One CPU problem is solved in plain Python (Gaussian elimination with partial pivoting): at
+    this size LAPACK's solver behind ``torch.linalg.solve`` costs about 0.2 ms per call here, more
+    than a matrix-vector product with n = 512."""
+    k = A.shape[-1]
+    if A.dim() == 2 and A.device.type == "cpu":
+        M = A.tolist()
+        r = [row[0] for row in rhs.tolist()]
+        delta = 1e-12 * max(M[i][i] for i in range(k)) + torch.finfo(A.dtype).tiny
+        for i in range(k):
+            M[i][i] += delta
+        for c in range(k):
+            p = max(range(c, k), key=lambda i: abs(M[i][c]))
+            if M[p][c] == 0.0:
+                return torch.zeros_like(rhs)  # degenerate differences: no extrapolation
+            M[c], M[p], r[c], r[p] = M[p], M[c], r[p], r[c]
+            for i in range(c + 1, k):
+                f = M[i][c] / M[c][c]
+                if f:
+                    M[i] = [mi - f * mc for mi, mc in zip(M[i], M[c])]
+                    r[i] -= f * r[c]
+        sol = [0.0] * k
+        for i in reversed(range(k)):
+            sol[i] = (r[i] - sum(M[i][j] * sol[j] for j in range(i + 1, k))) / M[i][i]
+        return torch.tensor(sol, dtype=A.dtype).unsqueeze(-1)
+    diag = A.diagonal(dim1=-2, dim2=-1)
+    delta = 1e-12 * diag.amax(-1, keepdim=True)[..., None] + torch.finfo(A.dtype).tiny
+    eye = torch.eye(k, dtype=A.dtype, device=A.device)
+    return torch.linalg.solve(A + delta * eye, rhs)
+
+
+def _anderson_loop(E, zmax, G_ref, a, b, asum, tol, max_iter, step, absorb, build, materialise,
+                   tau):
+    """Sinkhorn-Knopp with Anderson acceleration (type II, memory ``_ANDERSON_MEMORY``) of the
+    column potential, in the absorbed scaling domain of :func:`_absorb_solve` (all weights
+    positive, convergence tested at every iteration).
+
+    The iteration is the fixed-point map ``x -> T(x) = log b - log Eᵀ(a / E e^x)`` on
+    ``x = log v``; each step extrapolates from the last iterates, ``x <- T(x) - ΔT γ`` with ``γ``
+    the least-squares fit of the residual ``R = T(x) - x`` by its recent differences ``ΔR``
+    (Walker & Ni 2011). Residuals and differences are invariant under the potentials' gauge
+    ``x + c``, and the fit under the order of the remembered differences, which therefore live in
+    a ring buffer. ``step(v)`` returns ``(u, Eᵀu)`` with ``u = a / E v`` (two matrix-vector
+    products, or the one-pass sweep). The plan ``diag(u) E diag(v)`` has exact rows; its column
+    error ``|v ⊙ Eᵀu - b|₁`` comes free with the step, and the returned plan is materialised once
+    and its own error decides. Safeguards: when the error grows past ten times the best seen, the
+    memory is dropped (a plain step follows); absorbing the scalings into the potentials
+    (``|log u|`` or ``|log v|`` past ``τ``) drops it too. One host synchronisation per iteration.
+    Returns ``None`` (the caller restarts with adaptive over-relaxation) if an iterate is not
+    finite.
+    """
+    batch, m = b.shape[:-1], b.shape[-1]
+    dtype, device = b.dtype, b.device
+    mem = _ANDERSON_MEMORY
+    DT = torch.empty(batch + (m, mem), dtype=dtype, device=device)  # ΔT, ring buffer
+    DR = torch.empty(batch + (m, mem), dtype=dtype, device=device)  # ΔR
+    k = slot = 0  # differences held, next slot
+    x = torch.zeros_like(b)  # log v relative to the kernel's reference potential G_ref
+    T_prev = R_prev = None
+    best = math.inf
+    history: list = []
+    n_iter = torch.full(batch, -1, dtype=torch.long, device=device)
+    logb = b.log()
+    it = 0
+    while it < max_iter:
+        v = torch.exp(x)
+        u, Ktu = step(v)
+        it += 1
+        err = (v * Ktu).sub_(b).abs_().sum(-1).div_(asum)  # rows are exact: u = a / E v
+        history.append(err)
+        Tx = logb - torch.log(Ktu)
+        emax, xmax, umax = torch.stack([err.max(), Tx.abs().amax(), u.log().abs().amax()]).tolist()
+        if not math.isfinite(emax):  # a non-finite u or v makes the error non-finite
+            return None
+        if emax <= tol or it >= max_iter or (batch and bool((err <= tol).any())):
+            newly = (err <= tol) & (n_iter < 0)
+            n_iter = torch.where(newly, torch.full_like(n_iter, it), n_iter)
+            if emax <= tol or it >= max_iter:
+                P, errP, _ = materialise(E, u, v)
+                history[-1] = errP
+                bad = errP > tol
+                if not bool(bad.any()) or it >= max_iter:
+                    F, G = absorb(u, v, zmax, G_ref)
+                    n_iter = torch.where(n_iter < 0, torch.full_like(n_iter, it), n_iter)
+                    return F, G, P, errP, n_iter, it, history
+                # round-off of the materialised plan: rebuild the kernel (it may have become
+                # the plan) at the current potentials and go on
+                n_iter = torch.where(bad, torch.full_like(n_iter, -1), n_iter)
+                G_ref = G_ref + x
+                E, zmax, _ = build(G_ref)
+                x = torch.zeros_like(x)
+                k = slot = 0
+                T_prev = R_prev = None
+                continue
+        R = Tx - x
+        if emax > 10.0 * best:
+            k = slot = 0  # safeguard: forget the history, take a plain step
+            T_prev = R_prev = None
+        best = min(best, emax)
+        if T_prev is not None:
+            torch.sub(Tx, T_prev, out=DT[..., slot])
+            torch.sub(R, R_prev, out=DR[..., slot])
+            slot = (slot + 1) % mem
+            k = min(k + 1, mem)
+        T_prev, R_prev = Tx, R
+        if k:
+            dR, dT = DR[..., :k], DT[..., :k]
+            dRt = dR.transpose(-1, -2)
+            gamma = _small_lstsq(dRt @ dR, dRt @ R[..., None])
+            x = Tx - (dT @ gamma).squeeze(-1)
+        else:
+            x = Tx
+        if max(xmax, umax) > 0.5 * tau:
+            # absorb the scalings into the reference potential and rebuild the kernel (the
+            # extrapolated x is at most a few times T(x) away: half the threshold leaves room)
+            G_ref = G_ref + x
+            E, zmax, _ = build(G_ref)
+            x = torch.zeros_like(x)
+            k = slot = 0
+            T_prev = R_prev = None
+    return None
 
 
 #: Batched matrices up to this size take the planar fixed-iteration loop on the CPU.
@@ -973,7 +1134,7 @@ def sinkhorn(
     grad: GradMode = "unroll",
     init: Optional[Tuple[Tensor, Tensor]] = None,
     engine: Engine = "auto",
-    momentum: Union[None, float, str] = "adaptive",
+    momentum: Union[None, float, str] = "auto",
     warn: bool = True,
     check_inputs: bool = True,
     cg_tol: float = 1e-10,
@@ -1024,10 +1185,14 @@ def sinkhorn(
         Iteration engine (see the module docstring). ``"auto"`` uses ``"absorb"`` unless
         gradients are unrolled. Both engines run the same sweeps; in fixed-iteration mode they
         return the same matrix up to round-off.
-    momentum : None, float or "adaptive"
-        Over-relaxation factor ω ∈ [1, 2) for the converging solve; ``"adaptive"`` estimates the
-        linear rate from the error history and sets ω = 2/(1+√(1-rate)). Ignored in fixed mode and
-        when gradients are unrolled.
+    momentum : None, float, "adaptive", "anderson" or "auto"
+        Acceleration of the converging solve. A float is an over-relaxation factor ω ∈ [1, 2);
+        ``"adaptive"`` estimates the linear rate from the error history and sets
+        ω = 2/(1+√(1-rate)); ``"anderson"`` extrapolates the column potential from its last 12
+        iterates (scaling engine; all weights positive, else adaptive; convergence tested every
+        iteration); ``"auto"`` is ``"anderson"`` for matrices of at least
+        ``_ANDERSON_MIN_ENTRIES`` (2^18) entries on the eager scaling engine, else ``"adaptive"``.
+        Ignored in fixed mode and when gradients are unrolled.
     warn : bool
         Emit a :class:`SinkhornWarning` when some batch element misses ``tol``.
     check_inputs : bool
@@ -1077,10 +1242,14 @@ def _sinkhorn_impl(
     check_every = integer_arg("check_every", check_every)
     cg_tol = nonneg_finite("cg_tol", cg_tol)
     cg_max_iter = integer_arg("cg_max_iter", cg_max_iter)
-    if not (momentum is None or momentum == "adaptive"
+    if not (momentum is None or momentum in ("adaptive", "anderson", "auto")
             or (isinstance(momentum, (int, float)) and not isinstance(momentum, bool)
                 and 1.0 <= momentum < 2.0)):
-        raise ValueError(f"`momentum` must be None, 'adaptive' or a float in [1, 2); got {momentum!r}")
+        raise ValueError("`momentum` must be None, 'auto', 'adaptive', 'anderson' or a float in "
+                         f"[1, 2); got {momentum!r}")
+    if momentum == "anderson" and engine == "log":
+        raise ValueError("`momentum`: 'anderson' runs in the 'absorb' engine; engine='log' takes "
+                         "None, 'adaptive' or a float")
 
     out_dtype = cost.dtype if isinstance(cost, Tensor) else None
     C, a_, b_ = _validate(cost, a, b, check_inputs, allow_inf_cost, trusted)
@@ -1120,7 +1289,11 @@ def _sinkhorn_impl(
     implicit = grad == "implicit" and needs_grad
     # CUDA (float32/64, Triton present): the loop without autograd runs as fused compiled kernels
     # (not the unrolled loop: compiled backwards support no double backward, e.g. Hessians)
-    fused = engine in ("auto", "log") and not unrolling and _fused.use_fused(C)
+    fused = (engine in ("auto", "log") and not unrolling and momentum != "anderson"
+             and _fused.use_fused(C))
+    if momentum == "auto":
+        momentum = ("anderson" if (not fused and engine in ("auto", "absorb")
+                                   and n * m >= _ANDERSON_MIN_ENTRIES) else "adaptive")
     if engine == "auto":
         engine = "log" if (unrolling or fused) else "absorb"
     mom = None if (fixed or unrolling) else momentum
@@ -1358,7 +1531,7 @@ def project_dsm(logits: Tensor, tau: EpsLike = 1.0, **kw) -> SinkhornResult:
     n = logits.shape[-1]
     ones = torch.ones(n, dtype=cdtype, device=logits.device)
     opts = dict(tol=1e-6, max_iter=2000, n_iter=None, check_every=10, grad="unroll", init=None,
-                engine="auto", momentum="adaptive", warn=True, check_inputs=True, cg_tol=1e-10,
+                engine="auto", momentum="auto", warn=True, check_inputs=True, cg_tol=1e-10,
                 cg_max_iter=500)
     unknown = set(kw) - set(opts)
     if unknown:
