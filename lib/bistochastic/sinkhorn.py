@@ -31,7 +31,7 @@ Both accept over-relaxation (``momentum``), fixed or adaptive (Lehmann et al. 20
 The scaling engine also offers Anderson acceleration (``momentum="anderson"``, Walker & Ni 2011):
 it extrapolates the column potential from its last ``_ANDERSON_MEMORY`` (12) iterates and needs
 3.5-5x fewer iterations than adaptive over-relaxation (n = 1024: 16 against 70 at eps = 0.01, 47
-against 210 at 0.002), for about 0.3 ms of bookkeeping per iteration on this project's CPU. The default ``"auto"`` takes it for matrices of
+against 210 at 0.002), for about 0.1 ms of bookkeeping per iteration on this project's CPU. The default ``"auto"`` takes it for matrices of
 at least ``_ANDERSON_MIN_ENTRIES`` entries (where that bookkeeping costs less than the iterations
 it saves) and adaptive over-relaxation otherwise, on the fused GPU path and with zero weights.
 
@@ -733,43 +733,31 @@ def _absorb_solve(
 _ANDERSON_MEMORY = 12
 #: ``momentum="auto"`` takes Anderson acceleration from this many matrix entries on (n = m = 512).
 #: Measured on this project's CPU, one thread, eps in {0.05, 0.01, 0.002}, time to 1e-6 against
-#: adaptive relaxation: 1.2-1.9x faster at n = 512, 2.0-2.9x at 724, even at 362, 0.84-0.93x at
-#: 256 (there the bookkeeping of each iteration outweighs the iterations it saves).
+#: adaptive relaxation: 1.2-1.9x faster at n = 512, 0.88-1.07x at 362, 0.76-0.89x at 256 (there
+#: the bookkeeping of each iteration, some 25 small operations, outweighs the iterations saved).
 _ANDERSON_MIN_ENTRIES = 512 * 512
 
 
 def _small_lstsq(A: Tensor, rhs: Tensor) -> Tensor:
     """``(A + δI)⁻¹ rhs`` for the ``k x k`` normal equations of Anderson acceleration
-    (``A (..., k, k)``, ``rhs (..., k, 1)``, ``k <= _ANDERSON_MEMORY``), ``δ`` a relative
-    Tikhonov term that keeps nearly collinear differences from blowing up the extrapolation.
-    One CPU problem is solved in plain Python (Gaussian elimination with partial pivoting): at
-    this size LAPACK's solver behind ``torch.linalg.solve`` costs about 0.2 ms per call here, more
-    than a matrix-vector product with n = 512."""
-    k = A.shape[-1]
-    if A.dim() == 2 and A.device.type == "cpu":
-        M = A.tolist()
-        r = [row[0] for row in rhs.tolist()]
-        delta = 1e-12 * max(M[i][i] for i in range(k)) + torch.finfo(A.dtype).tiny
-        for i in range(k):
-            M[i][i] += delta
-        for c in range(k):
-            p = max(range(c, k), key=lambda i: abs(M[i][c]))
-            if M[p][c] == 0.0:
-                return torch.zeros_like(rhs)  # degenerate differences: no extrapolation
-            M[c], M[p], r[c], r[p] = M[p], M[c], r[p], r[c]
-            for i in range(c + 1, k):
-                f = M[i][c] / M[c][c]
-                if f:
-                    M[i] = [mi - f * mc for mi, mc in zip(M[i], M[c])]
-                    r[i] -= f * r[c]
-        sol = [0.0] * k
-        for i in reversed(range(k)):
-            sol[i] = (r[i] - sum(M[i][j] * sol[j] for j in range(i + 1, k))) / M[i][i]
-        return torch.tensor(sol, dtype=A.dtype).unsqueeze(-1)
+    (``A (..., k, k)``, fresh, overwritten; ``rhs (..., k, 1)``; ``k <= _ANDERSON_MEMORY``), ``δ``
+    a relative Tikhonov term that keeps nearly collinear differences from blowing up the
+    extrapolation. On the CPU through NumPy: at this size LAPACK behind ``torch.linalg.solve``
+    costs about 0.1-0.2 ms per call here (``numpy.linalg.solve``: 7 µs), more than a
+    matrix-vector product with n = 512. A singular system gives ``γ = 0`` (no extrapolation)."""
     diag = A.diagonal(dim1=-2, dim2=-1)
-    delta = 1e-12 * diag.amax(-1, keepdim=True)[..., None] + torch.finfo(A.dtype).tiny
-    eye = torch.eye(k, dtype=A.dtype, device=A.device)
-    return torch.linalg.solve(A + delta * eye, rhs)
+    dmax = diag.amax(-1, keepdim=True)
+    diag.add_(1e-12 * dmax + torch.finfo(A.dtype).tiny)
+    if A.device.type == "cpu":
+        import numpy as np
+
+        try:
+            gamma = torch.from_numpy(np.linalg.solve(A.numpy(), rhs.numpy()))
+        except np.linalg.LinAlgError:
+            return torch.zeros_like(rhs)
+    else:
+        gamma = torch.linalg.solve(A, rhs)
+    return torch.where(dmax[..., None] > 0, gamma, torch.zeros_like(gamma))
 
 
 def _anderson_loop(E, zmax, G_ref, a, b, asum, tol, max_iter, step, absorb, build, materialise,
