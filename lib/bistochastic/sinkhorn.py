@@ -577,12 +577,14 @@ def _absorb_solve(
         return torch.mv(E, ones_m) if blocks is not None else E.sum(-1)
 
     def materialise(E, u_, v_):
-        """The returned plan ``u E v`` and its own error (row and column sums of that tensor).
-        For one large matrix the plan is written over the kernel, block by block, with its sums
-        taken while each block is in cache (one pass); returns ``(P, err, kernel_consumed)``."""
+        """The returned plan ``u E v`` and its own error (row and column sums of that tensor),
+        written over the kernel (for one large matrix block by block, with its sums taken while
+        each block is in cache: one pass); returns ``(P, err, kernel_consumed)``."""
         if blocks is None:
-            P_ = u_[..., :, None] * E * v_[..., None, :]
-            return P_, L.error(P_), False
+            # in place: the kernel is the solver's own buffer, and a fresh plan-sized tensor
+            # costs page faults on every solve (glibc serves it by mmap)
+            P_ = E.mul_(u_[..., :, None]).mul_(v_[..., None, :])
+            return P_, L.error(P_), True
         rows_ = torch.empty(n, dtype=dtype, device=device)
         cols_ = torch.zeros(m, dtype=dtype, device=device)
         for (Eb, Ebt), (i0, i1) in zip(block_views(E), blocks):
