@@ -31,9 +31,10 @@ Both accept over-relaxation (``momentum``), fixed or adaptive (Lehmann et al. 20
 The scaling engine also offers Anderson acceleration (``momentum="anderson"``, Walker & Ni 2011):
 it extrapolates the column potential from its last ``_ANDERSON_MEMORY`` (12) iterates and needs
 3.5-5x fewer iterations than adaptive over-relaxation (n = 1024: 16 against 70 at eps = 0.01, 47
-against 210 at 0.002), for about 0.1 ms of bookkeeping per iteration on this project's CPU. The default ``"auto"`` takes it for matrices of
-at least ``_ANDERSON_MIN_ENTRIES`` entries (where that bookkeeping costs less than the iterations
-it saves) and adaptive over-relaxation otherwise, on the fused GPU path and with zero weights.
+against 210 at 0.002), for about 0.1 ms of bookkeeping per iteration on this project's CPU. The
+default ``"auto"`` takes it for matrices of at least ``_ANDERSON_MIN_ENTRIES`` (512 x 512)
+entries, where that bookkeeping costs less than the iterations it saves, and adaptive
+over-relaxation otherwise, on the fused GPU path and with zero weights.
 
 Three mechanisms make every solve honest and accurate:
 
@@ -1180,8 +1181,8 @@ def sinkhorn(
         ``"adaptive"`` estimates the linear rate from the error history and sets
         ω = 2/(1+√(1-rate)); ``"anderson"`` extrapolates the column potential from its last 12
         iterates (scaling engine; all weights positive, else adaptive; convergence tested every
-        iteration); ``"auto"`` is ``"anderson"`` for matrices of at least
-        ``_ANDERSON_MIN_ENTRIES`` (2^18) entries on the eager scaling engine, else ``"adaptive"``.
+        iteration); ``"auto"`` (the default) is ``"anderson"`` for matrices of at least 512 x 512
+        entries on the eager scaling engine, else ``"adaptive"``.
         Ignored in fixed mode and when gradients are unrolled.
     warn : bool
         Emit a :class:`SinkhornWarning` when some batch element misses ``tol``.
