@@ -96,6 +96,8 @@ def available(x: Tensor) -> bool:
     interpreter, ``TRITON_INTERPRET=1``)."""
     if x.dim() < 2 or x.shape[-2] > MAX_SIZE or x.shape[-1] > MAX_SIZE:
         return False
+    if x.numel() >= 2**31:  # the kernel's offsets are 32-bit
+        return False
     if x.dtype not in (torch.float32, torch.float64) or not _importable():
         return False
     if x.device.type == "cuda":
