@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 
@@ -988,8 +989,6 @@ def test_auto_momentum_takes_anderson_for_large_matrices_only(monkeypatch):
     _assert_honest(big, a, b)
     small = bs.sinkhorn(C[:39, :40], 0.02, a[:39] / a[:39].sum(), b, tol=1e-9)
     assert calls == [1] and small.all_converged  # 39 x 40 < 40 x 40: adaptive relaxation
-    import inspect
-
     assert inspect.signature(bs.sinkhorn).parameters["momentum"].default == "auto"
 
 
