@@ -777,32 +777,36 @@ def _anderson_loop(E, zmax, G_ref, a, b, asum, tol, max_iter, step, absorb, buil
     a ring buffer. ``step(v)`` returns ``(u, Eᵀu)`` with ``u = a / E v`` (two matrix-vector
     products, or the one-pass sweep). The plan ``diag(u) E diag(v)`` has exact rows; its column
     error ``|v ⊙ Eᵀu - b|₁`` comes free with the step, and the returned plan is materialised once
-    and its own error decides. Safeguards: when the error grows past ten times the best seen, the
-    memory is dropped (a plain step follows); absorbing the scalings into the potentials
-    (``|log u|`` or ``|log v|`` past ``τ``) drops it too. One host synchronisation per iteration.
-    Returns ``None`` (the caller restarts with adaptive over-relaxation) if an iterate is not
-    finite.
+    and its own error decides. When ``|log u|`` or ``|log v|`` passes ``τ`` the scalings are
+    absorbed into the potentials and the kernel rebuilt; the memory survives (a change of frame
+    shifts ``T`` and leaves residuals and differences unchanged). Safeguard: when the error grows
+    past ten times the best seen, the memory is dropped (a plain step follows). The extrapolation
+    is computed in float64 at least. One host synchronisation per iteration. Returns ``None``
+    (the caller restarts with adaptive over-relaxation) if an iterate is not finite.
     """
     batch, m = b.shape[:-1], b.shape[-1]
     dtype, device = b.dtype, b.device
+    # the extrapolation in float64 at least: in float32 the normal equations (condition number
+    # squared) lose the small differences near convergence and the iterates stall
+    work = torch.float64 if dtype in (torch.float32, torch.float16, torch.bfloat16) else dtype
     mem = _ANDERSON_MEMORY
-    DT = torch.empty(batch + (m, mem), dtype=dtype, device=device)  # ΔT, ring buffer
-    DR = torch.empty(batch + (m, mem), dtype=dtype, device=device)  # ΔR
+    DT = torch.empty(batch + (m, mem), dtype=work, device=device)  # ΔT, ring buffer
+    DR = torch.empty(batch + (m, mem), dtype=work, device=device)  # ΔR
     k = slot = 0  # differences held, next slot
-    x = torch.zeros_like(b)  # log v relative to the kernel's reference potential G_ref
+    x = torch.zeros_like(b, dtype=work)  # log v relative to the kernel's reference potential G_ref
     T_prev = R_prev = None
     best = math.inf
     history: list = []
     n_iter = torch.full(batch, -1, dtype=torch.long, device=device)
-    logb = b.log()
+    logb = b.log().to(work)
     it = 0
     while it < max_iter:
-        v = torch.exp(x)
+        v = torch.exp(x).to(dtype)
         u, Ktu = step(v)
         it += 1
         err = (v * Ktu).sub_(b).abs_().sum(-1).div_(asum)  # rows are exact: u = a / E v
         history.append(err)
-        Tx = logb - torch.log(Ktu)
+        Tx = logb - torch.log(Ktu).to(work)
         emax, xmax, umax = torch.stack([err.max(), Tx.abs().amax(), u.log().abs().amax()]).tolist()
         if not math.isfinite(emax):  # a non-finite u or v makes the error non-finite
             return None
@@ -820,7 +824,7 @@ def _anderson_loop(E, zmax, G_ref, a, b, asum, tol, max_iter, step, absorb, buil
                 # round-off of the materialised plan: rebuild the kernel (it may have become
                 # the plan) at the current potentials and go on
                 n_iter = torch.where(bad, torch.full_like(n_iter, -1), n_iter)
-                G_ref = G_ref + x
+                G_ref = G_ref + x.to(dtype)
                 E, zmax, _ = build(G_ref)
                 x = torch.zeros_like(x)
                 k = slot = 0
@@ -844,14 +848,18 @@ def _anderson_loop(E, zmax, G_ref, a, b, asum, tol, max_iter, step, absorb, buil
             x = Tx - (dT @ gamma).squeeze(-1)
         else:
             x = Tx
-        if max(xmax, umax) > 0.5 * tau:
-            # absorb the scalings into the reference potential and rebuild the kernel (the
-            # extrapolated x is at most a few times T(x) away: half the threshold leaves room)
-            G_ref = G_ref + x
+        if max(xmax, umax) > tau:
+            # absorb the scalings into the reference potential and rebuild the kernel, as the
+            # adaptive engine does (an extrapolation that overshoots into overflow makes the
+            # next error non-finite, and the solve restarts with adaptive relaxation).
+            # In the new frame T'(x') = T(x' + s) - s for the absorbed shift s (the rows'
+            # rescaling cancels), so residuals and differences are unchanged and the memory is
+            # kept: only the last T moves by -s.
+            shift = x.to(dtype)
+            G_ref = G_ref + shift
             E, zmax, _ = build(G_ref)
-            x = torch.zeros_like(x)
-            k = slot = 0
-            T_prev = R_prev = None
+            x = x - shift.to(work)
+            T_prev = T_prev - shift.to(work)
     return None
 
 
