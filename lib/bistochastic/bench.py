@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Tuple
 
 import torch
 
+from . import _triton
 from .sinkhorn import marginal_error, project_dsm, sinkhorn
 
 __all__ = ["autograd_saved_bytes", "textbook_sinkhorn_knopp", "pot_version", "sync", "timeit", "copy_bandwidth", "make_problem", "plain_log_sinkhorn", "bench_dense", "bench_tiny"]
@@ -203,8 +204,6 @@ def bench_tiny(B, n, iters, dtype, dev, reps, bw, tau=1.0, compiled=False) -> Di
     t, P = timeit(plain, dev, reps, stat="min")
     row["plain_ms"] = t * 1e3
     assert torch.allclose(P, r_log.plan, atol=1e-5), "plain loop and bistochastic disagree"
-    from . import _triton
-
     if _triton.available(logits) and dev.type == "cuda":
         # the one-kernel path alone (what project_dsm adds on top: validation, centring, the
         # potentials in cost units and the error of the returned plan, a few small kernels each)

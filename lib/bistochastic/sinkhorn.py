@@ -625,24 +625,19 @@ def _absorb_solve(
         E, zmax, u = build(G0)
     G_ref = G0
     if momentum == "anderson" and sa is None:
-        def step(v_):
+        def step(E_, v_):
             if blocks is not None:
-                return sweep(E_cur[0], None, v_)  # omega is 1 here: u_old is not read
-            u_ = div(a, row(E_cur[0], v_), None)
-            return u_, col(E_cur[0], u_)
+                return sweep(E_, None, v_)  # omega is 1 here: u_old is not read
+            u_ = a / row(E_, v_)
+            return u_, col(E_, u_)
 
-        def build_cur(G):
-            E_cur[0], zm, u_ = build(G)
-            return E_cur[0], zm, u_
-
-        E_cur = [E]
-        out = _anderson_loop(E, zmax, G0, a, b, asum, tol, max_iter, step, absorb, build_cur,
+        out = _anderson_loop(E, zmax, G0, a, b, asum, tol, max_iter, step, absorb, build,
                              materialise, tau)
         if out is not None:
             return out
         # the accelerated iterates left the safe range: start again with adaptive relaxation
+        # (omega is 1 and adaptive is on: set above for "anderson")
         E, zmax, u = build(G0)
-        omega, adaptive = 1.0, True
     v = torch.ones_like(G0)
     Ev = None  # E v for the current v (reused by the next row update)
     fresh = True  # the row update of the next iteration was done by build()
@@ -774,7 +769,7 @@ def _anderson_loop(E, zmax, G_ref, a, b, asum, tol, max_iter, step, absorb, buil
     the least-squares fit of the residual ``R = T(x) - x`` by its recent differences ``ΔR``
     (Walker & Ni 2011). Residuals and differences are invariant under the potentials' gauge
     ``x + c``, and the fit under the order of the remembered differences, which therefore live in
-    a ring buffer. ``step(v)`` returns ``(u, Eᵀu)`` with ``u = a / E v`` (two matrix-vector
+    a ring buffer. ``step(E, v)`` returns ``(u, Eᵀu)`` with ``u = a / E v`` (two matrix-vector
     products, or the one-pass sweep). The plan ``diag(u) E diag(v)`` has exact rows; its column
     error ``|v ⊙ Eᵀu - b|₁`` comes free with the step, and the returned plan is materialised once
     and its own error decides. When ``|log u|`` or ``|log v|`` passes ``τ`` the scalings are
@@ -802,7 +797,7 @@ def _anderson_loop(E, zmax, G_ref, a, b, asum, tol, max_iter, step, absorb, buil
     it = 0
     while it < max_iter:
         v = torch.exp(x).to(dtype)
-        u, Ktu = step(v)
+        u, Ktu = step(E, v)
         it += 1
         err = (v * Ktu).sub_(b).abs_().sum(-1).div_(asum)  # rows are exact: u = a / E v
         history.append(err)
