@@ -731,8 +731,9 @@ def _absorb_solve(
 _ANDERSON_MEMORY = 12
 #: ``momentum="auto"`` takes Anderson acceleration from this many matrix entries on (n = m = 512).
 #: Measured on this project's CPU, one thread, eps in {0.05, 0.01, 0.002}, time to 1e-6 against
-#: adaptive relaxation: 1.2-1.9x faster at n = 512, 0.88-1.07x at 362, 0.76-0.89x at 256 (there
-#: the bookkeeping of each iteration, some 25 small operations, outweighs the iterations saved).
+#: adaptive relaxation: 1.06-1.44x faster at n = 512, 0.90-1.07x at 362, 0.78-0.94x at 256 (there
+#: the bookkeeping of each iteration, some 25 small operations, outweighs the iterations saved;
+#: benchmarks/probe_anderson.py).
 _ANDERSON_MIN_ENTRIES = 512 * 512
 
 
