@@ -1005,6 +1005,48 @@ def test_auto_momentum_keeps_adaptive_relaxation_on_the_fused_path(monkeypatch):
     assert res.all_converged
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_anderson_device_bookkeeping_matches_the_host_one(monkeypatch, dtype):
+    # the loop keeps its vector bookkeeping in NumPy for CPU tensors and in torch on a device;
+    # the torch one is run here on the CPU (no GPU needed): same iterates up to round-off, so
+    # the same iteration counts and plans equal far below the tolerance (float32: absorptions
+    # every few iterations, batched problems with per-problem eps)
+    g = _gen(30)
+    C = torch.rand(3, 200, 180, generator=g, dtype=F64)
+    a = torch.rand(3, 200, generator=g, dtype=F64) + 0.1
+    b = torch.rand(3, 180, generator=g, dtype=F64) + 0.1
+    a, b = a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
+    C, a, b = C.to(dtype), a.to(dtype), b.to(dtype)
+    eps = torch.tensor([0.05, 0.01, 0.005], dtype=dtype)
+    tol = 1e-9 if dtype == F64 else 1e-5
+    kw = dict(tol=tol, max_iter=20000, grad="none", momentum="anderson")
+    seen = []
+    real = sk._anderson_ops
+    monkeypatch.setattr(sk, "_anderson_ops", lambda *args: seen.append(1) or real(*args))
+    host = bs.sinkhorn(C, eps, a, b, **kw)
+    monkeypatch.setattr(sk, "_anderson_ops", lambda dt, dev: seen.append(2) or sk._DeviceOps(dt, dev))
+    dev = bs.sinkhorn(C, eps, a, b, **kw)
+    assert seen == [1, 2]
+    assert host.all_converged and dev.all_converged
+    _assert_honest(dev, a, b)
+    assert torch.equal(host.n_iter, dev.n_iter), (host.n_iter, dev.n_iter)
+    torch.testing.assert_close(dev.plan, host.plan, atol=tol / 1000, rtol=0)
+
+
+def test_small_lstsq_host_and_device_agree_and_a_singular_system_gives_zero():
+    g = _gen(31)
+    X = torch.randn(2, 50, 6, generator=g, dtype=F64)
+    r = torch.randn(2, 50, 1, generator=g, dtype=F64)
+    A, rhs = X.transpose(-1, -2) @ X, X.transpose(-1, -2) @ r
+    want = torch.linalg.lstsq(X, r).solution
+    torch.testing.assert_close(sk._small_lstsq(A.clone(), rhs), want, atol=1e-9, rtol=1e-9)
+    got = sk._small_lstsq_np(A.clone().numpy(), rhs.numpy())
+    torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-9, rtol=1e-9)
+    Z = torch.zeros(6, 6, dtype=F64)
+    assert not sk._small_lstsq(Z.clone(), torch.ones(6, 1, dtype=F64)).any()
+    assert not sk._small_lstsq_np(Z.clone().numpy(), np.ones((6, 1))).any()
+
+
 def test_anderson_keeps_its_memory_across_absorptions_in_float32():
     # float32 absorbs the scalings into the potentials whenever they pass e^±22, at eps = 0.01
     # almost every iteration; the shifted frame leaves residual differences unchanged, so the

@@ -738,25 +738,100 @@ _ANDERSON_MIN_ENTRIES = 512 * 512
 
 
 def _small_lstsq(A: Tensor, rhs: Tensor) -> Tensor:
-    """``(A + δI)⁻¹ rhs`` for the ``k x k`` normal equations of Anderson acceleration
+    """``(A + δI)⁻¹ rhs`` for the ``k x k`` normal equations of Anderson acceleration on a device
     (``A (..., k, k)``, fresh, overwritten; ``rhs (..., k, 1)``; ``k <= _ANDERSON_MEMORY``), ``δ``
     a relative Tikhonov term that keeps nearly collinear differences from blowing up the
-    extrapolation. On the CPU through NumPy: at this size LAPACK behind ``torch.linalg.solve``
-    costs about 0.1-0.2 ms per call here (``numpy.linalg.solve``: 7 µs), more than a
-    matrix-vector product with n = 512. A singular system gives ``γ = 0`` (no extrapolation)."""
+    extrapolation. A singular system gives ``γ = 0`` (no extrapolation). (On the CPU the
+    Anderson loop keeps its bookkeeping in NumPy and solves with :func:`_small_lstsq_np`.)"""
     diag = A.diagonal(dim1=-2, dim2=-1)
     dmax = diag.amax(-1, keepdim=True)
     diag.add_(1e-12 * dmax + torch.finfo(A.dtype).tiny)
-    if A.device.type == "cpu":
+    gamma = torch.linalg.solve(A, rhs)
+    return torch.where(dmax[..., None] > 0, gamma, torch.zeros_like(gamma))
+
+
+def _small_lstsq_np(A, rhs):
+    """:func:`_small_lstsq` for NumPy arrays (float64), through LAPACK's ``gesv``: at this size
+    a NumPy call costs microseconds, a torch operator several times more."""
+    import numpy as np
+
+    diag = np.einsum("...ii->...i", A)  # a writable view of the diagonal
+    dmax = diag.max(-1, keepdims=True)
+    diag += 1e-12 * dmax + np.finfo(A.dtype).tiny
+    try:
+        gamma = np.linalg.solve(A, rhs)
+    except np.linalg.LinAlgError:
+        return np.zeros_like(rhs)
+    return np.where(dmax[..., None] > 0, gamma, 0.0)
+
+
+class _HostOps:
+    """The vector bookkeeping of the Anderson loop in NumPy, for CPU tensors: each operation on a
+    vector of length m costs about a microsecond there against several in torch's dispatcher,
+    and a solve at n = 1024 runs some 25 of them per iteration against two matrix-vector
+    products (views, no copies, when the dtype is already float64)."""
+
+    def __init__(self, dtype: torch.dtype):
         import numpy as np
 
-        try:
-            gamma = torch.from_numpy(np.linalg.solve(A.numpy(), rhs.numpy()))
-        except np.linalg.LinAlgError:
-            return torch.zeros_like(rhs)
-    else:
-        gamma = torch.linalg.solve(A, rhs)
-    return torch.where(dmax[..., None] > 0, gamma, torch.zeros_like(gamma))
+        self.np = np
+        self.dtype = dtype
+
+    def arr(self, t: Tensor):
+        return t.numpy().astype(self.np.float64, copy=False)
+
+    def tensor(self, x) -> Tensor:
+        return torch.as_tensor(self.np.asarray(x)).to(self.dtype)
+
+    def empty(self, shape):
+        return self.np.empty(shape)
+
+    def exp(self, x):
+        return self.np.exp(x)
+
+    def log(self, x):
+        return self.np.log(x)
+
+    def maxes(self, xs) -> list:
+        return [float(x.max()) for x in xs]
+
+    def solve(self, A, rhs):
+        return _small_lstsq_np(A, rhs)
+
+
+class _DeviceOps:
+    """The same bookkeeping in torch on an accelerator (one host synchronisation per iteration,
+    to read the maxima)."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype, self.device = dtype, device
+
+    def arr(self, t: Tensor) -> Tensor:
+        return t.to(torch.float64)
+
+    def tensor(self, x: Tensor) -> Tensor:
+        return x.to(self.dtype)
+
+    def empty(self, shape) -> Tensor:
+        return torch.empty(shape, dtype=torch.float64, device=self.device)
+
+    def exp(self, x: Tensor) -> Tensor:
+        return torch.exp(x)
+
+    def log(self, x: Tensor) -> Tensor:
+        return torch.log(x)
+
+    def maxes(self, xs) -> list:
+        return torch.stack([x.max() for x in xs]).tolist()
+
+    def solve(self, A: Tensor, rhs: Tensor) -> Tensor:
+        return _small_lstsq(A, rhs)
+
+
+def _anderson_ops(dtype: torch.dtype, device: torch.device):
+    """The array namespace of the Anderson loop's bookkeeping: NumPy for CPU tensors, torch on a
+    device."""
+    return _HostOps(dtype) if device.type == "cpu" else _DeviceOps(dtype, device)
 
 
 def _anderson_loop(E, zmax, G_ref, a, b, asum, tol, max_iter, step, absorb, build, materialise,
@@ -777,37 +852,42 @@ def _anderson_loop(E, zmax, G_ref, a, b, asum, tol, max_iter, step, absorb, buil
     absorbed into the potentials and the kernel rebuilt; the memory survives (a change of frame
     shifts ``T`` and leaves residuals and differences unchanged). Safeguard: when the error grows
     past ten times the best seen, the memory is dropped (a plain step follows). The extrapolation
-    is computed in float64 at least. One host synchronisation per iteration. Returns ``None``
-    (the caller restarts with adaptive over-relaxation) if an iterate is not finite.
+    and the vector bookkeeping run in float64 (in float32 the normal equations, condition number
+    squared, lose the small differences near convergence and the iterates stall), in NumPy for
+    CPU tensors (:class:`_HostOps`) and in torch on a device, with one host synchronisation per
+    iteration (:class:`_DeviceOps`). Returns ``None`` (the caller restarts with adaptive
+    over-relaxation) if an iterate is not finite.
     """
     batch, m = b.shape[:-1], b.shape[-1]
     dtype, device = b.dtype, b.device
-    # the extrapolation in float64 at least: in float32 the normal equations (condition number
-    # squared) lose the small differences near convergence and the iterates stall
-    work = torch.float64 if dtype in (torch.float32, torch.float16, torch.bfloat16) else dtype
+    xp = _anderson_ops(dtype, device)
     mem = _ANDERSON_MEMORY
-    DT = torch.empty(batch + (m, mem), dtype=work, device=device)  # ΔT, ring buffer
-    DR = torch.empty(batch + (m, mem), dtype=work, device=device)  # ΔR
+    DT = xp.empty(batch + (m, mem))  # ΔT, ring buffer
+    DR = xp.empty(batch + (m, mem))  # ΔR
     k = slot = 0  # differences held, next slot
-    x = torch.zeros_like(b, dtype=work)  # log v relative to the kernel's reference potential G_ref
+    logb = xp.log(xp.arr(b))
+    bw = xp.arr(b)
+    asw = xp.arr(asum)
+    x = logb * 0.0  # log v relative to the kernel's reference potential G_ref
     T_prev = R_prev = None
     best = math.inf
     history: list = []
     n_iter = torch.full(batch, -1, dtype=torch.long, device=device)
-    logb = b.log().to(work)
     it = 0
     while it < max_iter:
-        v = torch.exp(x).to(dtype)
+        v = xp.tensor(xp.exp(x))
         u, Ktu = step(E, v)
         it += 1
-        err = (v * Ktu).sub_(b).abs_().sum(-1).div_(asum)  # rows are exact: u = a / E v
-        history.append(err)
-        Tx = logb - torch.log(Ktu).to(work)
-        emax, xmax, umax = torch.stack([err.max(), Tx.abs().amax(), u.log().abs().amax()]).tolist()
+        Kw = xp.arr(Ktu)
+        err = abs(xp.arr(v) * Kw - bw).sum(-1) / asw  # rows are exact: u = a / E v
+        Tx = logb - xp.log(Kw)
+        emax, xmax, umax = xp.maxes([err, abs(Tx), abs(xp.log(xp.arr(u)))])
+        err_t = xp.tensor(err)
+        history.append(err_t)
         if not math.isfinite(emax):  # a non-finite u or v makes the error non-finite
             return None
         if emax <= tol or it >= max_iter or (batch and bool((err <= tol).any())):
-            newly = (err <= tol) & (n_iter < 0)
+            newly = (err_t <= tol) & (n_iter < 0)
             n_iter = torch.where(newly, torch.full_like(n_iter, it), n_iter)
             if emax <= tol or it >= max_iter:
                 P, errP, _ = materialise(E, u, v)
@@ -820,9 +900,9 @@ def _anderson_loop(E, zmax, G_ref, a, b, asum, tol, max_iter, step, absorb, buil
                 # round-off of the materialised plan: rebuild the kernel (it may have become
                 # the plan) at the current potentials and go on
                 n_iter = torch.where(bad, torch.full_like(n_iter, -1), n_iter)
-                G_ref = G_ref + x.to(dtype)
+                G_ref = G_ref + xp.tensor(x)
                 E, zmax, _ = build(G_ref)
-                x = torch.zeros_like(x)
+                x = x * 0.0
                 k = slot = 0
                 T_prev = R_prev = None
                 continue
@@ -832,16 +912,16 @@ def _anderson_loop(E, zmax, G_ref, a, b, asum, tol, max_iter, step, absorb, buil
             T_prev = R_prev = None
         best = min(best, emax)
         if T_prev is not None:
-            torch.sub(Tx, T_prev, out=DT[..., slot])
-            torch.sub(R, R_prev, out=DR[..., slot])
+            DT[..., slot] = Tx - T_prev
+            DR[..., slot] = R - R_prev
             slot = (slot + 1) % mem
             k = min(k + 1, mem)
         T_prev, R_prev = Tx, R
         if k:
             dR, dT = DR[..., :k], DT[..., :k]
-            dRt = dR.transpose(-1, -2)
-            gamma = _small_lstsq(dRt @ dR, dRt @ R[..., None])
-            x = Tx - (dT @ gamma).squeeze(-1)
+            dRt = dR.swapaxes(-1, -2)
+            gamma = xp.solve(dRt @ dR, dRt @ R[..., None])
+            x = Tx - (dT @ gamma)[..., 0]
         else:
             x = Tx
         if max(xmax, umax) > tau:
@@ -851,11 +931,12 @@ def _anderson_loop(E, zmax, G_ref, a, b, asum, tol, max_iter, step, absorb, buil
             # In the new frame T'(x') = T(x' + s) - s for the absorbed shift s (the rows'
             # rescaling cancels), so residuals and differences are unchanged and the memory is
             # kept: only the last T moves by -s.
-            shift = x.to(dtype)
+            shift = xp.tensor(x)
             G_ref = G_ref + shift
             E, zmax, _ = build(G_ref)
-            x = x - shift.to(work)
-            T_prev = T_prev - shift.to(work)
+            sw = xp.arr(shift)
+            x = x - sw
+            T_prev = T_prev - sw
     return None
 
 
