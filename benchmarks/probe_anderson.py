@@ -1,9 +1,12 @@
 """Anderson acceleration against adaptive over-relaxation in `bs.sinkhorn` (time to tolerance,
-minimum of 5 after a warm-up): the crossover behind `momentum="auto"`'s 512 x 512 threshold
-(float64, one thread, tol 1e-6) and the float32 rows (one and two threads, tol 1e-5) quoted in
+minimum of 5 after a warm-up): the crossover behind `momentum="auto"`'s threshold (float64, one
+thread, tol 1e-6) and the float32 rows (one and two threads, tol 1e-5) quoted in
 benchmarks/README.md. Not a test; run on a quiet machine:
 
     PYTHONPATH=lib .venv/bin/python benchmarks/probe_anderson.py
+
+Outputs: `benchmarks/results/probe_anderson.txt` (torch bookkeeping, threshold 512 x 512) and
+`benchmarks/results/probe_anderson_numpy.txt` (NumPy bookkeeping on the CPU, threshold 128 x 128).
 """
 import time
 
@@ -36,7 +39,7 @@ def row(n, eps, dtype, tol, threads):
 
 
 print("   dtype thr     n    eps")
-for n in (128, 256, 362, 512, 724):
+for n in (64, 96, 128, 181, 256, 362, 512, 724):
     for eps in (0.05, 0.01, 0.002):
         row(n, eps, torch.float64, 1e-6, 1)
 for threads in (1, 2):

@@ -31,10 +31,11 @@ Both accept over-relaxation (``momentum``), fixed or adaptive (Lehmann et al. 20
 The scaling engine also offers Anderson acceleration (``momentum="anderson"``, Walker & Ni 2011):
 it extrapolates the column potential from its last ``_ANDERSON_MEMORY`` (12) iterates and needs
 3.5-5x fewer iterations than adaptive over-relaxation (n = 1024: 16 against 70 at eps = 0.01, 47
-against 210 at 0.002), for about 0.1 ms of bookkeeping per iteration on this project's CPU. The
-default ``"auto"`` takes it for matrices of at least ``_ANDERSON_MIN_ENTRIES`` (512 x 512)
-entries, where that bookkeeping costs less than the iterations it saves, and adaptive
-over-relaxation otherwise, on the fused GPU path and with zero weights.
+against 210 at 0.002), for some 25 vector operations of bookkeeping per iteration (NumPy for CPU
+tensors: 0.04-0.2 ms at m = 1024 on this project's CPU). The default ``"auto"`` takes it for
+matrices of at least ``_ANDERSON_MIN_ENTRIES`` (128 x 128) entries, where that bookkeeping costs
+less than the iterations it saves, and adaptive over-relaxation otherwise, on the fused GPU path
+and with zero weights.
 
 Three mechanisms make every solve honest and accurate:
 
@@ -729,12 +730,13 @@ def _absorb_solve(
 
 #: Iterates remembered by Anderson acceleration (``momentum="anderson"``).
 _ANDERSON_MEMORY = 12
-#: ``momentum="auto"`` takes Anderson acceleration from this many matrix entries on (n = m = 512).
-#: Measured on this project's CPU, one thread, eps in {0.05, 0.01, 0.002}, time to 1e-6 against
-#: adaptive relaxation: 1.06-1.44x faster at n = 512, 0.90-1.07x at 362, 0.78-0.94x at 256 (there
-#: the bookkeeping of each iteration, some 25 small operations, outweighs the iterations saved;
-#: benchmarks/probe_anderson.py).
-_ANDERSON_MIN_ENTRIES = 512 * 512
+#: ``momentum="auto"`` takes Anderson acceleration from this many matrix entries on (n = m = 128).
+#: Measured on this project's CPU, one thread, time to 1e-6 against adaptive relaxation
+#: (benchmarks/probe_anderson.py, output in benchmarks/results/probe_anderson_numpy.txt): from
+#: n = 128 on, 1.12-2.43x faster at eps = 0.01 and 1.47-3.61x at 0.002; at 0.05, where both need
+#: 1-2.5 ms up to n = 362, 0.86-0.99x there and 1.56-2.16x above; at n = 64 0.81x, 1.07x and
+#: 1.23x (the bookkeeping of each iteration weighs as much as the iterations it saves).
+_ANDERSON_MIN_ENTRIES = 128 * 128
 
 
 def _small_lstsq(A: Tensor, rhs: Tensor) -> Tensor:
@@ -1266,7 +1268,7 @@ def sinkhorn(
         ``"adaptive"`` estimates the linear rate from the error history and sets
         ω = 2/(1+√(1-rate)); ``"anderson"`` extrapolates the column potential from its last 12
         iterates (scaling engine; all weights positive, else adaptive; convergence tested every
-        iteration); ``"auto"`` (the default) is ``"anderson"`` for matrices of at least 512 x 512
+        iteration); ``"auto"`` (the default) is ``"anderson"`` for matrices of at least 128 x 128
         entries on the eager scaling engine, else ``"adaptive"``.
         Ignored in fixed mode and when gradients are unrolled.
     warn : bool
