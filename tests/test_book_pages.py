@@ -1,5 +1,7 @@
 """The book's generated pages: API module list, index of results, benchmarks appendix."""
 
+import collections
+import re
 from pathlib import Path
 
 from bistochastic import _sphinxext
@@ -71,6 +73,48 @@ def test_benchmarks_page_is_narrow():
             in_code = not in_code
         elif in_code:
             assert len(line) <= 88, line  # code blocks must not scroll sideways
+
+
+def test_benchmarks_page_keeps_every_recorded_number():
+    """Every number of every text block of the README (commands, outputs, tables) reaches the
+    page: the appendix reformats the records, it must not drop any of them."""
+    readme = (ROOT / "benchmarks" / "README.md").read_text()
+    page = _sphinxext.benchmarks_page(readme)
+    blocks = re.findall(r"^```text\n(.*?)^```", readme, flags=re.S | re.M)
+    assert len(blocks) > 20
+    page_numbers = collections.Counter(re.findall(r"(?<![\w.])\d[\d.]*(?:e[-+]?\d+)?", page))
+    for block in blocks:
+        for num in set(re.findall(r"(?<![\w.])\d[\d.]*(?:e[-+]?\d+)?", block)):
+            assert page_numbers[num] > 0, (num, block[:200])
+
+
+def test_benchmarks_page_sets_grouped_tables_and_wraps_commands():
+    lines = [
+        "MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647 PYTHONPATH=lib "
+        ".venv/bin/python \\",
+        "    benchmarks/bench_sinkhorn.py --sizes 1024 4096 --eps 0.01 0.002 --raw --threads-list 1 2 "
+        "--json benchmarks/results/x.json",
+        "## n = 1024",
+        "    n    eps thr  momentum | ours its    ms/it       s  sprd | raw ms/it  sprd | ours/raw "
+        "| POT its    ms/it        s  sprd | POT/ours",
+        " 1024   0.01   1   default |       16    1.264   0.020  1.05 |     0.690  1.06 |     1.83 "
+        "|     120    6.065    0.728  1.06 |    35.99",
+        "   method |    its |    min s spread |  x ours",
+        "     ours |     16 |    0.027   1.23 |    1.00",
+    ]
+    out = _sphinxext._bench_block(lines)
+    text = "\n".join(out)
+    code = text.split("```text\n", 1)[1].split("```", 1)[0].splitlines()
+    assert all(len(ln) <= 88 for ln in code) and code[0].startswith("MALLOC_")
+    assert " ".join(ln.rstrip(" \\").strip() for ln in code).split() == (
+        " ".join(lines[:2]).replace("\\", "").split())  # every word, in order
+    assert "**n = 1024**" in text
+    # 16 columns: split in two tables of at most 10, the key columns repeated
+    assert "| n | eps | thr | momentum | ours its | ours ms/it | ours s | spread | raw ms/it | spread |" in text
+    assert "| n | eps | thr | momentum | ours/raw | POT its | POT ms/it | POT s | spread | POT/ours |" in text
+    assert "| 1024 | 0.01 | 1 | default | 1.83 | 120 | 6.065 | 0.728 | 1.06 | 35.99 |" in text
+    assert "| method | its | min s | spread | x ours |" in text
+    assert "| ours | 16 | 0.027 | 1.23 | 1.00 |" in text
 
 
 def test_phase_diagram_figure_and_caption(tmp_path):

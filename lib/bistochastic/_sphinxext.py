@@ -19,6 +19,7 @@ import importlib
 import inspect
 import json
 import re
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -285,11 +286,11 @@ def _register_bibliography_style() -> None:
 
 BENCH_HEAD = """# Benchmarks
 
-The solver's speed against POT and a plain PyTorch loop, as recorded by the benchmark script of the
-repository (`benchmarks/bench_sinkhorn.py`). [Chapter 2](02_sinkhorn.ipynb) shows a small run of
-the same code; below are the recorded full runs, with the commands that produced them. This page
-is generated from `benchmarks/README.md` by `bistochastic._sphinxext.benchmarks_page` (a test
-keeps the two in sync); the recorded tables are transposed to fit the page.
+The solver's speed against POT, the other peers and a plain PyTorch loop, as recorded by the
+benchmark scripts of the repository (`benchmarks/`). [Chapter 2](02_sinkhorn.ipynb) shows a small
+run of the same code; below are the recorded full runs, with the commands that produced them. This
+page is generated from `benchmarks/README.md` by `bistochastic._sphinxext.benchmarks_page` (a test
+keeps the two in sync); the recorded tables are set as tables, split or transposed to fit the page.
 
 """
 
@@ -297,37 +298,177 @@ _DENSE_COLS = ["n", "ε", "floor ms/it", "ours: iterations", "ours: ms/it", "our
                "plain loop: iterations", "plain loop: ms/it", "plain loop: s", "POT: iterations",
                "POT: ms/it", "POT: s", "POT / ours", "plain / ours", "ours / floor"]
 
+#: Widest line of a code block on the page (the text column holds 88 characters of code).
+_CODE_WIDTH = 88
+#: Most columns of one table on the page (a wider one is split, its first column group repeated).
+_TABLE_COLUMNS = 10
+# a shell command: environment assignments, then the program
+_COMMAND = re.compile(r"^([A-Z_]+=\S*\s+)*(\.venv/bin/python|python3?|bash|make|pip)\s")
+# a row of the first benchmark tables (n, eps, then the floor): transposed, one column per n
+_OLD_DENSE_ROW = re.compile(r"^\s*\d+\s+[\d.e-]+\s+\|")
+_NUMBER = re.compile(r"^[-+]?\d[\d.e+-]*$")
+# one "name value" cell of a one-line result ("floor 101.3 ms | plain/ours 6.52 | ...")
+_NAME_VALUE = re.compile(r"^(.*?)\s+([-\d.e+]+(?: ms)?)$")
+
+
+def _wrap_command(text: str) -> list[str]:
+    """A shell command (continuation lines joined) broken into lines of at most ``_CODE_WIDTH``
+    characters with backslash continuations, before options where possible."""
+    words = text.replace("\\\n", " ").split()
+    units: list[str] = []
+    for w in words:  # an option and its values stay together
+        if units and not w.startswith("--") and units[-1].startswith("--"):
+            units[-1] += " " + w
+        else:
+            units.append(w)
+    lines, cur = [], ""
+    for u in units:
+        indent = "" if not lines and not cur else "    "
+        if cur and len(cur) + 1 + len(u) + 2 > _CODE_WIDTH:
+            lines.append(cur + " \\")
+            cur = "    " + u
+        else:
+            cur = (cur + " " + u) if cur else indent + u
+    return lines + [cur]
+
+
+def _wrap_text(line: str) -> list[str]:
+    """A line of output kept as code, broken at spaces into lines of at most ``_CODE_WIDTH``
+    characters (continuations indented)."""
+    if len(line) <= _CODE_WIDTH:
+        return [line]
+    lead = line[:len(line) - len(line.lstrip())]
+    return textwrap.wrap(line, _CODE_WIDTH, initial_indent="", subsequent_indent=lead + "    ",
+                         break_on_hyphens=False, drop_whitespace=True) or [line]
+
+
+def _column_names(header: list[str], row: list[str]) -> list[str]:
+    """Names of the columns of a ``|``-grouped table: a header group with more words than the
+    row's group has values starts with a prefix ("ours its ms/it s" -> "ours its", "ours ms/it",
+    ...); a spread column keeps its own name."""
+    names: list[str] = []
+    for hg, rg in zip(header, row):
+        h, d = hg.split(), len(rg.split())
+        if len(h) > d:
+            pre, rest = " ".join(h[:len(h) - d]), h[len(h) - d:]
+            names += [t if t in ("sprd", "spread") else f"{pre} {t}" for t in rest]
+        else:
+            names += h + [""] * (d - len(h))
+    return ["spread" if n == "sprd" else n for n in names]
+
+
+def _grouped_table(header: str, rows: list[str]) -> list[str]:
+    """A ``|``-grouped text table as Markdown tables: one row per text row, its first group
+    repeated in each part when the columns are too many for one table."""
+    hgroups = header.split("|")
+    rgroups = [r.split("|") for r in rows]
+    sizes = [len(g.split()) for g in rgroups[0]]
+    names = _column_names(hgroups, rgroups[0])
+    cells = [sum((g.split() for g in r), []) for r in rgroups]
+    bounds, at = [], 0
+    for size in sizes:
+        bounds.append((at, at + size))
+        at += size
+    parts, cur = [], [bounds[0]]
+    width = bounds[0][1]
+    for b in bounds[1:]:
+        if width + b[1] - b[0] > _TABLE_COLUMNS and len(cur) > 1:
+            parts.append(cur)
+            cur, width = [bounds[0]], bounds[0][1]
+        cur.append(b)
+        width += b[1] - b[0]
+    parts.append(cur)
+    out: list[str] = []
+    for part in parts:
+        cols = [c for lo, hi in part for c in range(lo, hi)]
+        out.append("| " + " | ".join(names[c] for c in cols) + " |")
+        out.append("|" + "---|" * len(cols))
+        for r in cells:
+            out.append("| " + " | ".join(r[c] if c < len(r) else "" for c in cols) + " |")
+        out.append("")
+    return out
+
+
+def _is_table(lines: list[str], i: int) -> int:
+    """The number of data rows of a ``|``-grouped table whose header is ``lines[i]`` (0: none):
+    a header has no number in it, and its rows have as many ``|`` as it has."""
+    bars = lines[i].count("|")
+    if bars == 0 or " | " not in lines[i] or any(_NUMBER.match(t) for t in lines[i].split()):
+        return 0
+    k = i + 1
+    while k < len(lines) and lines[k].count("|") == bars and lines[k].strip():
+        k += 1
+    return k - i - 1
+
 
 def _bench_block(lines: list[str]) -> list[str]:
-    """One ``text`` block of the README, made narrow: commands broken before each option,
-    result tables as Markdown tables (dense runs transposed: one column per n)."""
-    if lines and lines[0].startswith(".venv/bin/python"):
-        cmd = lines[0].replace(" --", " \\\n    --")
-        return ["```text", cmd, "```"]
+    """One ``text`` block of the README, made narrow: commands broken before their options,
+    result tables as Markdown tables (the first dense runs transposed: one column per n), other
+    lines kept as code within the page's width. Nothing of the block is dropped."""
     out: list[str] = []
+    pre: list[str] = []  # lines kept as code
+
+    def flush():
+        if pre:
+            out.extend(["```text", *pre, "```", ""])
+            pre.clear()
+
     dense: list[list[str]] = []
-    for ln in lines:
-        if re.match(r"^\s*\d+\s+[\d.e-]+\s+\|", ln):
+    i = 0
+    while i < len(lines):
+        ln = lines[i]
+        if _OLD_DENSE_ROW.match(ln):
             dense.append(ln.replace("|", " ").split())
+            i += 1
             continue
         if dense:
+            flush()
             out += _dense_table(dense)
             dense = []
+        if _COMMAND.match(ln.strip()):
+            cmd = ln.strip()
+            while cmd.endswith("\\") and i + 1 < len(lines):
+                i += 1
+                cmd = cmd[:-1] + " " + lines[i].strip()
+            pre.extend(_wrap_command(cmd))
+            i += 1
+            continue
+        if ln.strip().startswith("n ") and i + 1 < len(lines) and _OLD_DENSE_ROW.match(lines[i + 1]):
+            i += 1  # the header of the first dense tables: the transposed table names its rows
+            continue
+        n_rows = _is_table(lines, i)
+        if n_rows:
+            flush()
+            out += _grouped_table(ln, lines[i + 1:i + 1 + n_rows])
+            i += 1 + n_rows
+            continue
         if ln.startswith("## "):
+            flush()
             out += ["", f"**{ln[3:].strip()}**", ""]
         elif ln.startswith("# "):
+            flush()
             out.append(ln[2:].strip() + "  ")
-        elif " | " in ln and not ln.strip().startswith("n "):
-            out += ["| quantity | value |", "|---|---|"]
-            for cell in ln.split(" | "):
-                m = re.match(r"^(.*?)\s+([-\d.e+]+(?: ms)?)$", cell.strip())
-                name, val = (m.group(1), m.group(2)) if m else (cell.strip(), "")
-                out.append(f"| {name} | {val} |")
-            out.append("")
-        elif ln.strip() and not ln.strip().startswith("n "):
-            out.append(ln)
+        elif " | " in ln and len(ln) > _CODE_WIDTH:
+            cells = [c.strip() for c in ln.split(" | ")]
+            pairs = [_NAME_VALUE.match(c) for c in cells]
+            if all(pairs):
+                flush()
+                out += ["| quantity | value |", "|---|---|"]
+                out += [f"| {m.group(1)} | {m.group(2)} |" for m in pairs]
+                out.append("")
+            else:  # one cell per line
+                pre.extend(_wrap_text(cells[0]))
+                for c in cells[1:]:
+                    pre.extend(_wrap_text("    " + c))
+        elif ln.strip():
+            pre.extend(_wrap_text(ln))
+        else:
+            flush()  # a blank line ends a block of code
+        i += 1
     if dense:
+        flush()
         out += _dense_table(dense)
+    flush()
     return out
 
 
