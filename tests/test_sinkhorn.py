@@ -1033,6 +1033,21 @@ def test_anderson_device_bookkeeping_matches_the_host_one(monkeypatch, dtype):
     torch.testing.assert_close(dev.plan, host.plan, atol=tol / 1000, rtol=0)
 
 
+def test_anderson_overshoot_on_the_cpu_restarts_without_numpy_warnings(monkeypatch):
+    # an extrapolation that overflows makes exp(x) infinite in the NumPy bookkeeping: the loop
+    # must detect it and hand over to adaptive relaxation silently (no RuntimeWarning reaches
+    # the user, as none does from torch), and the answer is adaptive relaxation's
+    monkeypatch.setattr(sk, "_small_lstsq_np", lambda A, rhs: np.full_like(rhs, 1e300))
+    C, a, b = _problem(50, 40, seed=32)
+    kw = dict(tol=1e-9, max_iter=20000, grad="none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = bs.sinkhorn(C, 0.02, a, b, momentum="anderson", **kw)
+    ref = bs.sinkhorn(C, 0.02, a, b, momentum="adaptive", **kw)
+    assert res.all_converged and res.iterations == ref.iterations
+    torch.testing.assert_close(res.plan, ref.plan, atol=0, rtol=0)
+
+
 def test_small_lstsq_host_and_device_agree_and_a_singular_system_gives_zero():
     g = _gen(31)
     X = torch.randn(2, 50, 6, generator=g, dtype=F64)

@@ -60,6 +60,7 @@ respect to the cost, the marginals ``a``, ``b`` and ``eps`` (a tensor ``eps`` wi
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -800,6 +801,11 @@ class _HostOps:
     def solve(self, A, rhs):
         return _small_lstsq_np(A, rhs)
 
+    def quiet(self):
+        # an extrapolation that overshoots gives inf and NaN, which the loop detects (it then
+        # restarts with adaptive relaxation): no RuntimeWarning for the user, as in torch
+        return self.np.errstate(all="ignore")
+
 
 class _DeviceOps:
     """The same bookkeeping in torch on an accelerator (one host synchronisation per iteration,
@@ -828,6 +834,9 @@ class _DeviceOps:
 
     def solve(self, A: Tensor, rhs: Tensor) -> Tensor:
         return _small_lstsq(A, rhs)
+
+    def quiet(self):
+        return contextlib.nullcontext()
 
 
 def _anderson_ops(dtype: torch.dtype, device: torch.device):
@@ -860,9 +869,17 @@ def _anderson_loop(E, zmax, G_ref, a, b, asum, tol, max_iter, step, absorb, buil
     iteration (:class:`_DeviceOps`). Returns ``None`` (the caller restarts with adaptive
     over-relaxation) if an iterate is not finite.
     """
+    xp = _anderson_ops(b.dtype, b.device)
+    with xp.quiet():
+        return _anderson_iterate(xp, E, zmax, G_ref, a, b, asum, tol, max_iter, step, absorb,
+                                 build, materialise, tau)
+
+
+def _anderson_iterate(xp, E, zmax, G_ref, a, b, asum, tol, max_iter, step, absorb, build,
+                      materialise, tau):
+    """The loop of :func:`_anderson_loop`, its bookkeeping in the namespace ``xp``."""
     batch, m = b.shape[:-1], b.shape[-1]
-    dtype, device = b.dtype, b.device
-    xp = _anderson_ops(dtype, device)
+    device = b.device
     mem = _ANDERSON_MEMORY
     DT = xp.empty(batch + (m, mem))  # ΔT, ring buffer
     DR = xp.empty(batch + (m, mem))  # ΔR
