@@ -4,10 +4,15 @@ thread, tol 1e-6) and the float32 rows (one and two threads, tol 1e-5) quoted in
 benchmarks/README.md. Not a test; run on a quiet machine:
 
     PYTHONPATH=lib .venv/bin/python benchmarks/probe_anderson.py
+    PYTHONPATH=lib .venv/bin/python benchmarks/probe_anderson.py batched
+
+The second runs batches of matrices (float64, one thread, tol 1e-6, minimum of 3): the rule of
+`"auto"` for batches (total entries, matrices wider than the memory of 12 iterates).
 
 Outputs: `benchmarks/results/probe_anderson.txt` (torch bookkeeping, threshold 512 x 512) and
 `benchmarks/results/probe_anderson_numpy.txt` (NumPy bookkeeping on the CPU, threshold 128 x 128).
 """
+import sys
 import time
 
 import torch
@@ -37,6 +42,39 @@ def row(n, eps, dtype, tol, threads):
           f"{ta:8.1f} ms | anderson {iz:>4} its {tz:8.1f} ms | anderson faster x{ta / tz:.2f}",
           flush=True)
 
+
+def batched_row(B, n, eps):
+    torch.set_num_threads(1)
+    C, a, b = make_problem(n, torch.float64, "cpu")
+    g = torch.Generator().manual_seed(0)
+    Cb = C + 0.1 * torch.rand(B, n, n, generator=g, dtype=torch.float64)
+    Cb = Cb / Cb.amax((-1, -2), keepdim=True)
+    out = []
+    for mom in ("adaptive", "anderson"):
+        def solve():
+            return bs.sinkhorn(Cb, eps, a, b, tol=1e-6, max_iter=100000, grad="none",
+                               momentum=mom, warn=False)
+        r = solve()
+        ts = []
+        for _ in range(3):
+            t = time.perf_counter()
+            r = solve()
+            ts.append(time.perf_counter() - t)
+        assert r.all_converged
+        out.append((r.iterations, min(ts) * 1e3))
+    (ia, ta), (iz, tz) = out
+    print(f"batch {B:>6} x {n:>3} x {n:<3} eps {eps:>5g} | adaptive {ia:>4} its {ta:8.1f} ms | "
+          f"anderson {iz:>4} its {tz:8.1f} ms | anderson faster x{ta / tz:.2f}", flush=True)
+
+
+if sys.argv[1:] == ["batched"]:
+    # (at eps = 0.01 the 4x4 and 8x8 batches need tens of thousands of iterations with either
+    # method: left out)
+    for B, n in ((4096, 4), (16384, 8), (1024, 16), (256, 32), (16, 64), (64, 64), (8, 128),
+                 (32, 128), (8, 256)):
+        for eps in ((0.05,) if n <= 8 else (0.05, 0.01)):
+            batched_row(B, n, eps)
+    sys.exit()
 
 print("   dtype thr     n    eps")
 for n in (64, 96, 128, 181, 256, 362, 512, 724):

@@ -990,6 +990,16 @@ def test_auto_momentum_takes_anderson_for_large_matrices_only(monkeypatch):
     small = bs.sinkhorn(C[:39, :40], 0.02, a[:39] / a[:39].sum(), b, tol=1e-9)
     assert calls == [1] and small.all_converged  # 39 x 40 < 40 x 40: adaptive relaxation
     assert inspect.signature(bs.sinkhorn).parameters["momentum"].default == "auto"
+    # a batch counts all its entries: two 30 x 30 matrices (1800 >= 1600) take Anderson ...
+    Cb = torch.stack([C[:30, :30], C[10:, 10:]])
+    ab = torch.full((30,), 1 / 30, dtype=F64)
+    batched = bs.sinkhorn(Cb, 0.02, ab, ab, tol=1e-9)
+    assert calls == [1, 1] and batched.all_converged
+    # ... but not a batch of matrices no wider than the memory of 12 iterates
+    Ct = torch.rand(16, 12, 12, generator=_gen(33), dtype=F64)
+    at = torch.full((12,), 1 / 12, dtype=F64)
+    tiny = bs.sinkhorn(Ct, 0.1, at, at, tol=1e-9)
+    assert calls == [1, 1] and tiny.all_converged
 
 
 def test_auto_momentum_keeps_adaptive_relaxation_on_the_fused_path(monkeypatch):

@@ -33,9 +33,10 @@ it extrapolates the column potential from its last ``_ANDERSON_MEMORY`` (12) ite
 3.5-5x fewer iterations than adaptive over-relaxation (n = 1024: 16 against 70 at eps = 0.01, 47
 against 210 at 0.002), for some 25 vector operations of bookkeeping per iteration (NumPy for CPU
 tensors: 0.04-0.2 ms at m = 1024 on this project's CPU). The default ``"auto"`` takes it for
-matrices of at least ``_ANDERSON_MIN_ENTRIES`` (128 x 128) entries, where that bookkeeping costs
-less than the iterations it saves, and adaptive over-relaxation otherwise, on the fused GPU path
-and with zero weights.
+problems of at least ``_ANDERSON_MIN_ENTRIES`` (128 x 128) entries in all (a batch counts all its
+matrices) whose matrices are wider than its memory (both sides above 12), where that bookkeeping
+costs less than the iterations it saves, and adaptive over-relaxation otherwise, on the fused GPU
+path and with zero weights.
 
 Three mechanisms make every solve honest and accurate:
 
@@ -736,7 +737,12 @@ _ANDERSON_MEMORY = 12
 #: (benchmarks/probe_anderson.py, output in benchmarks/results/probe_anderson_numpy.txt): from
 #: n = 128 on, 1.12-2.43x faster at eps = 0.01 and 1.47-3.61x at 0.002; at 0.05, where both need
 #: 1-2.5 ms up to n = 362, 0.86-0.99x there and 1.56-2.16x above; at n = 64 0.81x, 1.07x and
-#: 1.23x (the bookkeeping of each iteration weighs as much as the iterations it saves).
+#: 1.23x (the bookkeeping of each iteration weighs as much as the iterations it saves). A batch
+#: counts all its entries (the bookkeeping is some 25 operations whatever the batch): batches of
+#: 16x16 to 256x256 matrices with 128 x 128 entries or more in all, 1.08-5.28x faster at eps 0.05
+#: and 0.01; batches of 4x4 and 8x8 matrices, 0.56-0.71x (a memory of 12 iterates is wider than
+#: the matrix), hence matrices wider than the memory only (benchmarks/probe_anderson.py batched,
+#: output in benchmarks/results/probe_anderson_batched.txt).
 _ANDERSON_MIN_ENTRIES = 128 * 128
 
 
@@ -1285,8 +1291,9 @@ def sinkhorn(
         ``"adaptive"`` estimates the linear rate from the error history and sets
         ω = 2/(1+√(1-rate)); ``"anderson"`` extrapolates the column potential from its last 12
         iterates (scaling engine; all weights positive, else adaptive; convergence tested every
-        iteration); ``"auto"`` (the default) is ``"anderson"`` for matrices of at least 128 x 128
-        entries on the eager scaling engine, else ``"adaptive"``.
+        iteration); ``"auto"`` (the default) is ``"anderson"`` on the eager scaling engine for
+        at least 128 x 128 entries in all (over the batch) and matrices with both sides above 12,
+        else ``"adaptive"``.
         Ignored in fixed mode and when gradients are unrolled.
     warn : bool
         Emit a :class:`SinkhornWarning` when some batch element misses ``tol``.
@@ -1387,8 +1394,12 @@ def _sinkhorn_impl(
     fused = (engine in ("auto", "log") and not unrolling and momentum != "anderson"
              and _fused.use_fused(C))
     if momentum == "auto":
+        # the bookkeeping of an iteration is some 25 operations whatever the batch: it pays from
+        # _ANDERSON_MIN_ENTRIES entries in all, for matrices wider than the memory
         momentum = ("anderson" if (not fused and engine in ("auto", "absorb")
-                                   and n * m >= _ANDERSON_MIN_ENTRIES) else "adaptive")
+                                   and min(n, m) > _ANDERSON_MEMORY
+                                   and math.prod(batch) * n * m >= _ANDERSON_MIN_ENTRIES)
+                    else "adaptive")
     if engine == "auto":
         engine = "log" if (unrolling or fused) else "absorb"
     mom = None if (fixed or unrolling) else momentum
