@@ -342,6 +342,12 @@ def _wrap_text(line: str) -> list[str]:
                          break_on_hyphens=False, drop_whitespace=True) or [line]
 
 
+# column names as set on the page: ratios with spaces (a narrow column breaks there), a soft
+# hyphen in the one long word
+_HEADER_NAMES = {"sprd": "spread", "ours/raw": "ours / raw", "POT/ours": "POT / ours",
+                 "momentum": "momen\u00adtum"}
+
+
 def _column_names(header: list[str], row: list[str]) -> list[str]:
     """Names of the columns of a ``|``-grouped table: a header group with more words than the
     row's group has values starts with a prefix ("ours its ms/it s" -> "ours its", "ours ms/it",
@@ -354,7 +360,7 @@ def _column_names(header: list[str], row: list[str]) -> list[str]:
             names += [t if t in ("sprd", "spread") else f"{pre} {t}" for t in rest]
         else:
             names += h + [""] * (d - len(h))
-    return ["spread" if n == "sprd" else n for n in names]
+    return [_HEADER_NAMES.get(n, n) for n in names]
 
 
 def _grouped_table(header: str, rows: list[str]) -> list[str]:
