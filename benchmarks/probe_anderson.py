@@ -5,9 +5,12 @@ benchmarks/README.md. Not a test; run on a quiet machine:
 
     PYTHONPATH=lib .venv/bin/python benchmarks/probe_anderson.py
     PYTHONPATH=lib .venv/bin/python benchmarks/probe_anderson.py batched
+    PYTHONPATH=lib .venv/bin/python benchmarks/probe_anderson.py float32
 
 The second runs batches of matrices (float64, one thread, tol 1e-6, minimum of 3): the rule of
-`"auto"` for batches (total entries, matrices wider than the memory of 12 iterates).
+`"auto"` for batches (total entries, matrices wider than the memory of 12 iterates). The third
+runs the float32 rows only (output `benchmarks/results/probe_anderson_float32.txt`, after the
+scaling engine began to set subnormal kernel entries to zero).
 
 Outputs: `benchmarks/results/probe_anderson.txt` (torch bookkeeping, threshold 512 x 512) and
 `benchmarks/results/probe_anderson_numpy.txt` (NumPy bookkeeping on the CPU, threshold 128 x 128).
@@ -77,9 +80,10 @@ if sys.argv[1:] == ["batched"]:
     sys.exit()
 
 print("   dtype thr     n    eps")
-for n in (64, 96, 128, 181, 256, 362, 512, 724):
-    for eps in (0.05, 0.01, 0.002):
-        row(n, eps, torch.float64, 1e-6, 1)
+if sys.argv[1:] != ["float32"]:
+    for n in (64, 96, 128, 181, 256, 362, 512, 724):
+        for eps in (0.05, 0.01, 0.002):
+            row(n, eps, torch.float64, 1e-6, 1)
 for threads in (1, 2):
     for n in (512, 1024, 2048):
         for eps in (0.01, 0.002):
