@@ -24,9 +24,9 @@ import bistochastic as bs
 from bistochastic.bench import make_problem
 
 
-def row(n, eps, dtype, tol, threads):
-    torch.set_num_threads(threads)
-    C, a, b = make_problem(n, dtype, "cpu")
+def compare(C, a, b, eps, tol, reps):
+    """Adaptive relaxation, then Anderson, on one problem: ``[(iterations, min ms), ...]``
+    (minimum of ``reps`` runs after a warm-up)."""
     out = []
     for mom in ("adaptive", "anderson"):
         def solve():
@@ -34,13 +34,19 @@ def row(n, eps, dtype, tol, threads):
                                momentum=mom, warn=False)
         r = solve()
         ts = []
-        for _ in range(5):
+        for _ in range(reps):
             t = time.perf_counter()
             r = solve()
             ts.append(time.perf_counter() - t)
-        assert bool(r.converged)
+        assert r.all_converged
         out.append((r.iterations, min(ts) * 1e3))
-    (ia, ta), (iz, tz) = out
+    return out
+
+
+def row(n, eps, dtype, tol, threads):
+    torch.set_num_threads(threads)
+    C, a, b = make_problem(n, dtype, "cpu")
+    (ia, ta), (iz, tz) = compare(C, a, b, eps, tol, reps=5)
     print(f"{str(dtype).split('.')[-1]:>8} {threads:>3} {n:>5} {eps:>6g} | adaptive {ia:>4} its "
           f"{ta:8.1f} ms | anderson {iz:>4} its {tz:8.1f} ms | anderson faster x{ta / tz:.2f}",
           flush=True)
@@ -52,20 +58,7 @@ def batched_row(B, n, eps):
     g = torch.Generator().manual_seed(0)
     Cb = C + 0.1 * torch.rand(B, n, n, generator=g, dtype=torch.float64)
     Cb = Cb / Cb.amax((-1, -2), keepdim=True)
-    out = []
-    for mom in ("adaptive", "anderson"):
-        def solve():
-            return bs.sinkhorn(Cb, eps, a, b, tol=1e-6, max_iter=100000, grad="none",
-                               momentum=mom, warn=False)
-        r = solve()
-        ts = []
-        for _ in range(3):
-            t = time.perf_counter()
-            r = solve()
-            ts.append(time.perf_counter() - t)
-        assert r.all_converged
-        out.append((r.iterations, min(ts) * 1e3))
-    (ia, ta), (iz, tz) = out
+    (ia, ta), (iz, tz) = compare(Cb, a, b, eps, 1e-6, reps=3)
     print(f"batch {B:>6} x {n:>3} x {n:<3} eps {eps:>5g} | adaptive {ia:>4} its {ta:8.1f} ms | "
           f"anderson {iz:>4} its {tz:8.1f} ms | anderson faster x{ta / tz:.2f}", flush=True)
 
