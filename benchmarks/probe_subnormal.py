@@ -1,15 +1,20 @@
-"""Subnormal kernel entries in float32 on the CPU: what they cost and what setting them to zero
-(the scaling engine's `_exp_kernel_`) saves. Behind the float32 note in benchmarks/README.md.
-Not a test; run on a quiet machine:
+"""Subnormal numbers in the scaling engine's matrix-vector products on the CPU: what they cost,
+and what the engine saves with its kernel floor (`_exp_kernel_`: the subnormal entries set to
+zero) and, in float32, the lifted column product (`Eᵀ(2^k u) / 2^k`, `_lift_pow2`). Behind the
+subnormal notes in benchmarks/README.md. Not a test; run on a quiet machine:
 
     PYTHONPATH=lib .venv/bin/python benchmarks/probe_subnormal.py
 
-First one matrix-vector product with the kernel exp(-(C - r)/eps) (n = 1024, float32, one thread,
-minimum of 5 x 20), as built and with its subnormal entries set to zero; then `bs.sinkhorn`
-(default momentum, tol 1e-5) with the engine's kernel and with a plain `exp`, interleaved,
-minimum of 5.
+First the two products of an iteration, `E v` and `Eᵀ u`, with the kernel
+`E = exp(-(C - r)/eps)` and the converged scalings `u = exp((f - r)/eps)`, `v = exp(g/eps)` of
+that frame (n = 1024, one thread, minimum of 5 x 20): the share of subnormal kernel entries and
+of subnormal terms `E_ij v_j` and `E_ij u_i`, and the time of each product with the kernel as
+built, with the floor, and with the floor and the lifted `u`. Then `bs.sinkhorn` (tol 1e-6,
+default momentum, which is Anderson acceleration at this size, and adaptive relaxation) as the
+engine runs it, without the lift, and with a plain `exp` and no lift; interleaved, minimum of 3.
 """
 import importlib
+import math
 import time
 
 import torch
@@ -19,38 +24,74 @@ from bistochastic.bench import make_problem
 
 sk = importlib.import_module("bistochastic.sinkhorn")
 torch.set_num_threads(1)
-tiny = torch.finfo(torch.float32).tiny
+CASES = ((torch.float32, 0.01), (torch.float32, 0.002), (torch.float64, 0.01),
+         (torch.float64, 0.0005))
 
 
-def product_ms(M, v):
+def product_ms(M, x):
+    torch.mv(M, x)
     best = 1e9
     for _ in range(5):
         t0 = time.perf_counter()
         for _ in range(20):
-            torch.mv(M, v)
+            torch.mv(M, x)
         best = min(best, (time.perf_counter() - t0) / 20)
     return best * 1e3
 
 
-C, a, b = make_problem(1024, torch.float32, "cpu")
-v = torch.rand(1024) + 0.5
-for eps in (0.01, 0.002):
-    E = torch.exp(-(C - C.amin(-1, keepdim=True)) / eps)
-    share = float(((E > 0) & (E < tiny)).float().mean())
-    F = torch.where(E < tiny, torch.zeros_like(E), E)
-    print(f"n = 1024, eps = {eps}: {share:.1%} of the kernel's entries subnormal; one product "
-          f"{product_ms(E, v):.3f} ms as built, {product_ms(F, v):.3f} ms with them set to zero")
+def flushed(E, floor):
+    return torch.where(E < floor, torch.zeros_like(E), E)
 
-engine = sk._exp_kernel_
-for n, eps in ((512, 0.01), (1024, 0.01), (1024, 0.002)):
-    C, a, b = make_problem(n, torch.float32, "cpu")
-    best = {}
-    for _ in range(5):
-        for name, fn in (("engine's kernel", engine), ("plain exp", lambda Z: Z.exp_())):
-            sk._exp_kernel_ = fn
-            t0 = time.perf_counter()
-            r = bs.sinkhorn(C, eps, a, b, tol=1e-5, max_iter=100000, grad="none", warn=False)
-            best[name] = min(best.get(name, 1e9), time.perf_counter() - t0)
-    sk._exp_kernel_ = engine
-    print(f"bs.sinkhorn n = {n}, eps = {eps}, {r.iterations} iterations: "
-          + ", ".join(f"{k} {t * 1e3:.1f} ms" for k, t in best.items()))
+
+def subnormal_share(X, tiny):
+    return float(((X > 0) & (X < tiny)).double().mean())
+
+
+def plain_exp(Z):
+    return Z.exp_()
+
+
+def no_lift(x, margin=0):
+    return 1.0
+
+
+engine_exp, engine_lift = sk._exp_kernel_, sk._lift_pow2
+VARIANTS = (("engine", engine_exp, engine_lift), ("no lift", engine_exp, no_lift),
+            ("plain exp, no lift", plain_exp, no_lift))
+
+print("One product at n = 1024, one thread, converged scalings (ms)")
+for dtype, eps in CASES:
+    C, a, b = make_problem(1024, dtype, "cpu")
+    tiny = torch.finfo(dtype).tiny
+    r = C.amin(-1)
+    res = bs.sinkhorn(C, eps, a, b, tol=1e-6, grad="none")
+    E = torch.exp(-(C - r[:, None]) / eps)
+    u, v = torch.exp((res.f - r) / eps), torch.exp(res.g / eps)
+    tau = sk._scaling_bound(dtype)
+    print(f"{str(dtype)[6:]} eps {eps}: entries {subnormal_share(E, tiny):.2%} subnormal, "
+          f"products E_ij v_j {subnormal_share(E * v, tiny):.2%}, E_ij u_i "
+          f"{subnormal_share(E * u[:, None], tiny):.2%}; |log u| <= {float(u.log().abs().max()):.1f},"
+          f" |log v| <= {float(v.log().abs().max()):.1f} (tau {tau:.1f})")
+    K = flushed(E, tiny)
+    k = engine_lift(u)
+    print(f"    as built: E v {product_ms(E, v):.3f}, Eᵀu {product_ms(E.t(), u):.3f}; floor: "
+          f"E v {product_ms(K, v):.3f}, Eᵀu {product_ms(K.t(), u):.3f}; floor and lifted u "
+          f"(2^{math.log2(k):.0f}): Eᵀu {product_ms(K.t(), u * k):.3f}")
+
+print("bs.sinkhorn at n = 1024, one thread, tol 1e-6 (ms, minimum of 3, interleaved)")
+for dtype, eps in CASES:
+    C, a, b = make_problem(1024, dtype, "cpu")
+    for momentum in ("auto", "adaptive"):
+        best, its, errs = {}, {}, {}
+        for _ in range(3):
+            for name, fexp, flift in VARIANTS:
+                sk._exp_kernel_, sk._lift_pow2 = fexp, flift
+                t0 = time.perf_counter()
+                res = bs.sinkhorn(C, eps, a, b, tol=1e-6, max_iter=100000, grad="none",
+                                  momentum=momentum, warn=False)
+                best[name] = min(best.get(name, math.inf), time.perf_counter() - t0)
+                its[name], errs[name] = res.iterations, float(res.marginal_error)
+        sk._exp_kernel_, sk._lift_pow2 = engine_exp, engine_lift
+        print(f"{str(dtype)[6:]} eps {eps} {momentum:8s}: "
+              + ", ".join(f"{k} {t * 1e3:.1f} ({its[k]} its, error {errs[k]:.2e})"
+                          for k, t in best.items()))

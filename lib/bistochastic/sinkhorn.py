@@ -443,21 +443,62 @@ class _threads_for:
         return False
 
 
+def _scaling_bound(dtype: torch.dtype) -> float:
+    """``τ``, a quarter of the dtype's exponent range (``ln(max) / 4``: 22.2 in float32, 177.4 in
+    float64): the scaling engine keeps its scalings ``u``, ``v`` within ``[e^-τ, e^τ]``,
+    absorbing them into the potentials when one leaves."""
+    return 0.25 * math.log(torch.finfo(dtype).max)
+
+
 def _exp_kernel_(Z: Tensor) -> Tensor:
     """``exp`` in place, for a kernel of the scaling engine (``Z <= 0``, rows with maximum 0).
-    On the CPU in float32 the entries below the smallest normal number (``e^-87`` against the
-    row's largest) become zero: subnormal operands make each matrix-vector product with the kernel
-    about 10x slower on x86 (n = 1024, eps = 0.002, 6.9 % of the entries subnormal: 2.08 ms
-    against 0.21 ms per product on this project's CPU; benchmarks/probe_subnormal.py, which
-    also times whole solves: 88 ms against 204 ms there, no cost at eps = 0.01), and such an entry
-    weighs less than 1e-18
-    of its row's largest in the plan even at the largest scalings the engine allows (``e^±22``),
-    eleven orders of magnitude below float32's resolution. (In float64 subnormals need
-    ``Z < -708``; left alone.)"""
+
+    On the CPU the entries below the dtype's smallest normal number (``e^-87`` against the row's
+    largest in float32, ``e^-708`` in float64) become zero: x86 cores take a slow path for every
+    subnormal operand, and each matrix-vector product with such a kernel runs several times
+    slower (n = 1024, float32, eps = 0.002, 6.9 % of the entries subnormal: 2.08 ms against
+    0.21 ms per product on this project's CPU; float64, eps = 0.0005, 1.7 % subnormal: 0.85 ms
+    against 0.36 ms; benchmarks/probe_subnormal.py, output in
+    benchmarks/results/probe_subnormal_floor.txt). Such an entry weighs less than ``e^-43``
+    (float32) or ``e^-354`` (float64) of its row's largest entry in the plan while the scalings
+    lie in ``[e^-τ, e^τ]``, ``τ`` :func:`_scaling_bound`. (The products of the kept entries with
+    small scalings can still be subnormal: the column product lifts its vector, see
+    :func:`_lift_pow2`. On an accelerator subnormals cost nothing extra: left alone.)"""
     E = Z.exp_()
-    if E.dtype == torch.float32 and E.device.type == "cpu":
-        torch.nn.functional.threshold_(E, torch.finfo(torch.float32).tiny, 0.0)
+    if E.device.type == "cpu" and E.dtype in (torch.float32, torch.float64):
+        torch.nn.functional.threshold_(E, torch.finfo(E.dtype).tiny, 0.0)
     return E
+
+
+#: The column product's lift (float32, CPU) is found again at every ``_LIFT_EVERY``-th product
+#: and when the kernel changes, and lifts the smallest ``u`` to ``2^_LIFT_MARGIN`` or more.
+_LIFT_EVERY = 8
+_LIFT_MARGIN = 24
+
+
+def _lift_pow2(x: Tensor, margin: int = 0) -> float:
+    """A power of two ``2^k >= 1`` that lifts the smallest positive entry of the non-negative
+    vector ``x (m,)`` to at least ``2^margin``, with ``2^k max(x) <= 2^100`` (1.0 when ``x`` has
+    no positive entry or its smallest is already that large).
+
+    The column product ``Eᵀu`` of the scaling engine in float32 on the CPU is computed as
+    ``Eᵀ(2^k u) / 2^k``. Its terms ``E_ij u_i`` multiply kernel entries down to float32's smallest
+    normal number by scalings ``u`` of order ``a / (E v)``, 1e-6 to 1e-8 for a thousand points,
+    and at small eps several per cent of them are subnormal, each a slow path on x86: one product
+    took 1.11 ms against 0.20 ms with them lifted (n = 1024, eps = 0.002, converged scalings;
+    benchmarks/probe_subnormal.py; whole solves 1.6-2.5x faster). Scaling by a power of two is
+    exact in the normal range, so the result is the same bits whenever no term was subnormal
+    (and closer to exact otherwise)."""
+    lo, hi = (float(t) for t in torch.aminmax(x))
+    if lo <= 0.0:  # zero weights: their rows have u = 0
+        pos = x[x > 0]
+        if pos.numel() == 0:
+            return 1.0
+        lo = float(pos.amin())
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= 2.0 ** margin:
+        return 1.0
+    k = min(margin - math.floor(math.log2(lo)), 100 - math.ceil(math.log2(hi)))
+    return math.ldexp(1.0, k) if k > 0 else 1.0
 
 
 def _relax(x: Tensor, xn: Tensor, omega: float, mask: Optional[Tensor]) -> Tensor:
@@ -511,7 +552,7 @@ def _absorb_solve(
     a = L.a.expand(batch + (n,))
     b = L.b.expand(batch + (m,))
     asum = a.sum(-1)
-    tau = 0.25 * math.log(torch.finfo(dtype).max)
+    tau = _scaling_bound(dtype)
     n_iter = torch.full(batch, -1, dtype=torch.long, device=device)
     history: list = []
     omega = float(momentum) if isinstance(momentum, (int, float)) else 1.0
@@ -519,10 +560,26 @@ def _absorb_solve(
     adaptive = momentum in ("adaptive", "anderson")
     err_prev = None
 
+    # float32 on the CPU: the column product lifts u by a power of two, so that no term E_ij u_i
+    # is subnormal (exact; see _lift_pow2). The power is found from u when the kernel changes and
+    # at every _LIFT_EVERY-th product, with a margin of 2^_LIFT_MARGIN for the drift of u in
+    # between (an Anderson step can move u by more than 2^8)
+    lift = dtype == torch.float32 and device.type == "cpu" and len(shape) == 2
+    lift_state: list = [None, 1.0, 0]  # kernel, power, products left before the next refresh
+
+    def lift_k(E, u_src):
+        if lift_state[0] is not E or lift_state[2] <= 0:
+            lift_state[:] = [E, _lift_pow2(u_src(), _LIFT_MARGIN), _LIFT_EVERY]
+        lift_state[2] -= 1
+        return lift_state[1]
+
     # batched matmul beats the elementwise product-and-sum for every size measured (n = 2..16,
     # torch 2.13 CPU); GEMV for a single matrix
     def col(E, u_):
         if E.dim() == 2:
+            k = lift_k(E, lambda: u_) if lift else 1.0
+            if k != 1.0:
+                return torch.mv(E.t(), u_ * k).mul_(1.0 / k)
             return torch.mv(E.t(), u_)  # GEMV: faster than a 1-row GEMM
         return torch.matmul(u_.unsqueeze(-2), E).squeeze(-2)
 
@@ -578,8 +635,24 @@ def _absorb_solve(
         flip[0] ^= 1
         un = u_bufs[flip[0]]  # never the buffer that holds u_old
         w = torch.zeros_like(v_)
+        # float32: the row update writes k u, lifted by a power of two as in col, and both are
+        # scaled back. The blocks' u are not known before their column products: k comes from
+        # u_old, or the last sweep's u on this kernel, or, in the first sweep on a kernel in the
+        # Anderson loop, from a / E v (one extra product per kernel built)
+        def u_src():
+            if u_old is not None:
+                return u_old
+            if lift_state[0] is E:
+                return u_bufs[flip[0] ^ 1]
+            return a / torch.mv(E, v_)
+
+        k = lift_k(E, u_src) if lift else 1.0
         if omega != 1.0:
             torch.mul(torch.pow(a, omega), torch.pow(u_old, 1.0 - omega), out=c_buf)
+            if k != 1.0:
+                c_buf.mul_(k)
+        elif k != 1.0:
+            torch.mul(a, k, out=c_buf)
         else:
             c_buf.copy_(a)
         for (Eb, Ebt), (sv, cv, uvs) in zip(sweep_views, views):
@@ -591,6 +664,9 @@ def _absorb_solve(
             else:
                 torch.div(cv, sv, out=ub)
             w.addmv_(Ebt, ub)
+        if k != 1.0:
+            un.mul_(1.0 / k)
+            w.mul_(1.0 / k)
         return un, w
 
     def rowsum(E):
@@ -1004,11 +1080,11 @@ def _planar_solve(C: Tensor, a: Tensor, b: Tensor, eps: float, iters: int):
     shape = C.shape
     batch, n, m = shape[:-2], shape[-2], shape[-1]
     Bt = C.numel() // (n * m)
-    tau = 0.25 * math.log(torch.finfo(C.dtype).max)
+    tau = _scaling_bound(C.dtype)
     Ep = torch.empty((n, m, Bt), dtype=C.dtype, device=C.device)  # our own copy, (n, m, Bt)
     Ep.copy_(C.reshape(Bt, n, m).permute(1, 2, 0))
     r = Ep.amin(1)  # (n, Bt)
-    Ep.sub_(r[:, None]).mul_(-1.0 / eps).exp_()  # rows with maximum one
+    _exp_kernel_(Ep.sub_(r[:, None]).mul_(-1.0 / eps))  # rows with maximum one
     ap = a.expand(batch + (n,)).reshape(Bt, n).t()
     bp = b.expand(batch + (m,)).reshape(Bt, m).t()
     u = torch.div(ap, Ep.sum(1))  # (n, Bt): exact row update
