@@ -864,6 +864,53 @@ def test_planar_tiny_batch_matches_the_general_engine(monkeypatch, shape, dtype)
     _assert_honest(new, a, b)
 
 
+@pytest.mark.parametrize("tau", [0.1, 0.05])
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_planar_tiny_batch_absorbs_at_low_temperature(monkeypatch, tau, dtype):
+    """At a temperature where the first kernel's scalings leave [e^-τ, e^τ] in float32 (they
+    reach e^40 and more at tau 0.1 on N(0, 1) logits), the planar loop absorbs them and rebuilds
+    its kernels instead of handing the batch to the general engine (4x slower there): the same
+    plan and potentials as the general engine to round-off, and as 20 plain log-domain sweeps.
+    In float64 the scalings stay in range (τ = 177): no absorption, the same results."""
+    g = _gen(14)
+    logits = torch.randn(3000, 4, 4, generator=g, dtype=F64).to(dtype)
+    calls, builds = [], []
+    real, real_exp = sk._planar_solve, sk._exp_kernel_
+
+    def spy(*args, **kw):
+        builds.clear()
+        out = real(*args, **kw)
+        calls.append((out is not None, len(builds)))
+        return out
+
+    def exp_spy(Z):
+        builds.append(Z.shape)
+        return real_exp(Z)
+
+    monkeypatch.setattr(sk, "_planar_solve", spy)
+    monkeypatch.setattr(sk, "_exp_kernel_", exp_spy)
+    monkeypatch.setattr(sk, "_PLANAR_CHUNK_BYTES", 16 * 1024)  # several chunks and a remainder
+    new = bs.project_dsm(logits, tau, n_iter=20, warn=False)
+    (planar_ok, n_builds), = calls
+    assert planar_ok
+    # float32: the first kernel and at least one rebuild; float64: the first kernel only
+    assert (n_builds > 1) == (dtype == torch.float32)
+    monkeypatch.setattr(sk, "_PLANAR_MAX", 0)
+    ref = bs.project_dsm(logits, tau, n_iter=20, warn=False)
+    tol = dict(atol=1e-12, rtol=1e-10) if dtype == F64 else dict(atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(new.plan, ref.plan, **tol)
+    torch.testing.assert_close(new.f - new.f.mean(-1, keepdim=True),
+                               ref.f - ref.f.mean(-1, keepdim=True), atol=2e-5 * tau, rtol=0)
+    torch.testing.assert_close(new.g + new.f.mean(-1, keepdim=True),
+                               ref.g + ref.f.mean(-1, keepdim=True), atol=2e-5 * tau, rtol=0)
+    _assert_honest(new, torch.ones(4, dtype=dtype), torch.ones(4, dtype=dtype))
+    L = logits.to(F64) / tau
+    for _ in range(20):
+        L = L - torch.logsumexp(L, dim=-1, keepdim=True)
+        L = L - torch.logsumexp(L, dim=-2, keepdim=True)
+    torch.testing.assert_close(new.plan.to(F64), L.exp(), **tol)
+
+
 def test_planar_tiny_batch_falls_back_when_a_scaling_leaves_the_safe_range(monkeypatch):
     """A temperature so low that the scalings leave [e^-τ, e^τ] in float32: the planar loop
     declines and the general engine (absorption, log-domain fallback) returns a finite plan

@@ -1073,16 +1073,24 @@ def _planar_solve(C: Tensor, a: Tensor, b: Tensor, eps: float, iters: int):
     ``exp(-(C - r)/ε)``, ``r`` the row minima, then column, row, ... updates); the plan
     ``u K v`` is materialised once and its error computed from it.
 
+    The batch runs in chunks small enough for all sweeps to run from cache. A chunk checks its
+    scalings after its first sweep, where a low temperature makes them jump (the first kernel's
+    columns are not centred), and after its last: when one has left ``[e^-τ, e^τ]`` it absorbs
+    ``v`` into the column potential and rebuilds its kernel from the cost (Schmitzer's lazy
+    absorption, as the general engine does; the iterates are the same in exact arithmetic).
+
     Returns ``(f, g, plan, err, n_iter, iterations, history)`` in cost units, or ``None`` when a
-    scaling left ``[e^-τ, e^τ]`` or is not finite (the caller then runs the general engine,
-    which absorbs and falls back to the log domain).
+    scaling is not finite or still outside ``[e^-τ, e^τ]`` after an absorption (the caller then
+    runs the general engine, which absorbs at every check and falls back to the log domain).
     """
     shape = C.shape
     batch, n, m = shape[:-2], shape[-2], shape[-1]
     Bt = C.numel() // (n * m)
     tau = _scaling_bound(C.dtype)
+    lo_ok, hi_ok = math.exp(-tau), math.exp(tau)
+    C3 = C.reshape(Bt, n, m)
     Ep = torch.empty((n, m, Bt), dtype=C.dtype, device=C.device)  # our own copy, (n, m, Bt)
-    Ep.copy_(C.reshape(Bt, n, m).permute(1, 2, 0))
+    Ep.copy_(C3.permute(1, 2, 0))
     r = Ep.amin(1)  # (n, Bt)
     _exp_kernel_(Ep.sub_(r[:, None]).mul_(-1.0 / eps))  # rows with maximum one
     ap = a.expand(batch + (n,)).reshape(Bt, n).t()
@@ -1091,7 +1099,33 @@ def _planar_solve(C: Tensor, a: Tensor, b: Tensor, eps: float, iters: int):
     v = torch.empty(m, Bt, dtype=C.dtype, device=C.device)
     s_ = torch.empty(n, Bt, dtype=C.dtype, device=C.device)
     t_ = torch.empty(m, Bt, dtype=C.dtype, device=C.device)
-    # chunks of the batch small enough for all sweeps to run from cache
+    # absorbed potentials (ε units), made at the first absorption: the kernel of a chunk is then
+    # exp(-(C - r)/ε + G - zmax), zmax its row maxima
+    G = zmax = None
+
+    def in_range(u_, v_) -> Optional[bool]:
+        """True: every scaling in [e^-τ, e^τ]; False: finite but outside; None: not finite."""
+        lo_u, hi_u, lo_v, hi_v = torch.stack([u_.amin(), u_.amax(), v_.amin(), v_.amax()]).tolist()
+        if not all(math.isfinite(x) for x in (lo_u, hi_u, lo_v, hi_v)) or min(lo_u, lo_v) <= 0.0:
+            return None
+        return lo_ok <= min(lo_u, lo_v) and max(hi_u, hi_v) <= hi_ok
+
+    def absorb(c0, c1, E_, u_, v_):
+        """v into G, the chunk's kernel rebuilt in place, u moved to the new frame (v = 1)."""
+        nonlocal G, zmax
+        if G is None:
+            G = torch.zeros(m, Bt, dtype=C.dtype, device=C.device)
+            zmax = torch.zeros(n, Bt, dtype=C.dtype, device=C.device)
+        G_, z_ = G[:, c0:c1], zmax[:, c0:c1]
+        G_.add_(torch.log(v_))
+        E_.copy_(C3[c0:c1].permute(1, 2, 0))
+        E_.sub_(r[:, None, c0:c1]).mul_(-1.0 / eps).add_(G_[None])
+        z_new = E_.amax(1)
+        _exp_kernel_(E_.sub_(z_new[:, None]))
+        u_.mul_(torch.exp(z_new - z_))  # plan = u E v, unchanged
+        z_.copy_(z_new)
+        v_.fill_(1.0)
+
     step = max(1024, _PLANAR_CHUNK_BYTES // (n * m * C.element_size())) if _PLANAR_CHUNK_BYTES else Bt
     for c0 in range(0, Bt, step):
         c1 = min(c0 + step, Bt)
@@ -1109,14 +1143,22 @@ def _planar_solve(C: Tensor, a: Tensor, b: Tensor, eps: float, iters: int):
             for Ei, ui in rows[1:]:
                 t__.addcmul_(Ei, ui)
             torch.div(b_, t__, out=v_)
+            if it == 0 or it == iters - 1:
+                ok = in_range(u_, v_)
+                if ok is None:
+                    return None
+                if not ok:
+                    absorb(c0, c1, E_, u_, v_)
+                    if it == iters - 1 and not in_range(u_, v_):
+                        return None
     lu, lv = torch.log(u), torch.log(v)
-    if not bool(torch.isfinite(lu).all() & torch.isfinite(lv).all()
-                & (lu.abs().amax() <= tau) & (lv.abs().amax() <= tau)):
-        return None
     P = Ep.mul_(u[:, None]).mul_(v[None])  # the kernel becomes the plan
     err = torch.maximum((P.sum(1) - ap).abs().sum(0), (P.sum(0) - bp).abs().sum(0))
     err = (err / ap.sum(0)).reshape(batch)
     plan = P.permute(2, 0, 1).reshape(shape).contiguous()
+    if G is not None:  # potentials in ε units: f = log u - zmax, g = G + log v
+        lu.sub_(zmax)
+        lv.add_(G)
     f = lu.mul_(eps).add_(r).t().reshape(batch + (n,))
     g = lv.mul_(eps).t().reshape(batch + (m,))
     n_iter = torch.full(batch, iters, dtype=torch.long, device=C.device)
