@@ -912,8 +912,10 @@ def test_planar_tiny_batch_absorbs_at_low_temperature(monkeypatch, tau, dtype):
 
 
 def test_planar_tiny_batch_falls_back_when_a_scaling_leaves_the_safe_range(monkeypatch):
-    """A temperature so low that the scalings leave [e^-τ, e^τ] in float32: the planar loop
-    declines and the general engine (absorption, log-domain fallback) returns a finite plan
+    """A temperature so low that whole columns of the first kernel underflow in float32 (every
+    entry below e^-87 of its row's largest: 71 of the 256 columns here), so that a scaling is
+    not finite after the first sweep: the planar loop declines (it absorbs only finite
+    scalings) and the general engine (absorption, log-domain fallback) returns a finite plan
     whose report is honest."""
     g = _gen(12)
     logits = torch.randn(64, 4, 4, generator=g) * 50
