@@ -1096,7 +1096,7 @@ def test_anderson_overshoot_on_the_cpu_restarts_without_numpy_warnings(monkeypat
     # an extrapolation that overflows makes exp(x) infinite in the NumPy bookkeeping: the loop
     # must detect it and hand over to adaptive relaxation silently (no RuntimeWarning reaches
     # the user, as none does from torch), and the answer is adaptive relaxation's
-    monkeypatch.setattr(sk, "_small_lstsq_np", lambda A, rhs: np.full_like(rhs, 1e300))
+    monkeypatch.setattr(sk, "_small_lstsq_np", lambda A, rhs, posv=None: np.full_like(rhs, 1e300))
     C, a, b = _problem(50, 40, seed=32)
     kw = dict(tol=1e-9, max_iter=20000, grad="none")
     with warnings.catch_warnings():
@@ -1119,6 +1119,18 @@ def test_small_lstsq_host_and_device_agree_and_a_singular_system_gives_zero():
     Z = torch.zeros(6, 6, dtype=F64)
     assert not sk._small_lstsq(Z.clone(), torch.ones(6, 1, dtype=F64)).any()
     assert not sk._small_lstsq_np(Z.clone().numpy(), np.ones((6, 1))).any()
+    # a single system: through SciPy's dposv (Cholesky), as the host loop runs it, or without
+    from scipy.linalg import lapack
+
+    for posv in (lapack.dposv, None):
+        for i in range(2):
+            got = sk._small_lstsq_np(A[i].clone().numpy(), rhs[i].numpy(), posv)
+            torch.testing.assert_close(torch.from_numpy(got), want[i], atol=1e-9, rtol=1e-9)
+        assert not sk._small_lstsq_np(Z.clone().numpy(), np.ones((6, 1)), posv).any()
+    # not positive definite (a negative eigenvalue): dposv refuses, gesv solves
+    M = np.diag([4.0, -1.0, 2.0])
+    got = sk._small_lstsq_np(M.copy(), np.ones((3, 1)), lapack.dposv)
+    np.testing.assert_allclose(got[:, 0], np.linalg.solve(M + 4e-12 * np.eye(3), np.ones(3)))
 
 
 @pytest.mark.parametrize("dtype,eps", [(torch.float32, 0.002), (torch.float64, 0.0005)])

@@ -67,6 +67,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -823,6 +824,8 @@ def _absorb_solve(
     return F, G, P, err, n_iter, it, history
 
 
+#: float64's smallest normal number (the Tikhonov floor of the host least-squares solve).
+_TINY64 = float(np.finfo(np.float64).tiny)
 #: Iterates remembered by Anderson acceleration (``momentum="anderson"``).
 _ANDERSON_MEMORY = 12
 #: ``momentum="auto"`` takes Anderson acceleration from this many matrix entries on (n = m = 128).
@@ -852,14 +855,30 @@ def _small_lstsq(A: Tensor, rhs: Tensor) -> Tensor:
     return torch.where(dmax[..., None] > 0, gamma, torch.zeros_like(gamma))
 
 
-def _small_lstsq_np(A, rhs):
-    """:func:`_small_lstsq` for NumPy arrays (float64), through LAPACK's ``gesv``: at this size
-    a NumPy call costs microseconds, a torch operator several times more."""
-    import numpy as np
-
+def _small_lstsq_np(A, rhs, posv=None):
+    """:func:`_small_lstsq` for NumPy arrays (float64), through LAPACK: at this size a NumPy call
+    costs microseconds, a torch operator several times more. A single system (``A (k, k)``)
+    goes to ``posv`` (Cholesky; ``A`` is a Gram matrix plus the Tikhonov term, positive definite
+    unless the differences are degenerate) when given, SciPy's ``dposv``, whose call costs a
+    third of ``numpy.linalg.solve``'s; a batch, or a system ``posv`` finds not positive definite,
+    to ``numpy.linalg.solve`` (``gesv``)."""
+    if A.ndim == 2:
+        diag = A.ravel()[:: A.shape[0] + 1]  # a writable view (A is a fresh contiguous array)
+        dmax = float(diag.max())
+        if not dmax > 0.0:  # no differences (or not finite): no extrapolation
+            return np.zeros_like(rhs)
+        diag += 1e-12 * dmax + _TINY64
+        if posv is not None:
+            _, gamma, info = posv(A, rhs)
+            if info == 0:
+                return gamma
+        try:
+            return np.linalg.solve(A, rhs)
+        except np.linalg.LinAlgError:
+            return np.zeros_like(rhs)
     diag = np.einsum("...ii->...i", A)  # a writable view of the diagonal
     dmax = diag.max(-1, keepdims=True)
-    diag += 1e-12 * dmax + np.finfo(A.dtype).tiny
+    diag += 1e-12 * dmax + _TINY64
     try:
         gamma = np.linalg.solve(A, rhs)
     except np.linalg.LinAlgError:
@@ -871,39 +890,60 @@ class _HostOps:
     """The vector bookkeeping of the Anderson loop in NumPy, for CPU tensors: each operation on a
     vector of length m costs about a microsecond there against several in torch's dispatcher,
     and a solve at n = 1024 runs some 25 of them per iteration against two matrix-vector
-    products (views, no copies, when the dtype is already float64)."""
+    products (views, no copies, when the dtype is already float64). Right after the products,
+    which stream the kernel through the core's caches, each operation costs several times more
+    (benchmarks/probe_two_thread_sweep.py): the loop keeps their number low. ``scaling`` writes
+    ``v = e^x`` into a buffer reused at every iteration (the loop holds no ``v`` across
+    iterations), and the errors stay NumPy scalars until the loop returns."""
 
     def __init__(self, dtype: torch.dtype):
-        import numpy as np
+        from scipy.linalg import lapack  # a dependency; imported on the first Anderson solve
 
         self.np = np
         self.dtype = dtype
+        self.v = self.v_arr = None
+        self.posv = lapack.dposv
 
     def arr(self, t: Tensor):
-        return t.numpy().astype(self.np.float64, copy=False)
+        return t.numpy().astype(np.float64, copy=False)
 
     def tensor(self, x) -> Tensor:
-        return torch.as_tensor(self.np.asarray(x)).to(self.dtype)
+        return torch.as_tensor(np.asarray(x)).to(self.dtype)
 
     def empty(self, shape):
-        return self.np.empty(shape)
+        return np.empty(shape)
 
-    def exp(self, x):
-        return self.np.exp(x)
+    def scaling(self, x):
+        """``v = e^x`` as a tensor of the solver's dtype, and the same values as an array."""
+        if self.v is None or self.v.shape != x.shape:
+            self.v = torch.empty(x.shape, dtype=self.dtype)
+            self.v_arr = self.v.numpy()
+        np.exp(x, out=self.v_arr)
+        return self.v, self.v_arr
 
     def log(self, x):
-        return self.np.log(x)
+        return np.log(x)
 
-    def maxes(self, xs) -> list:
-        return [float(x.max()) for x in xs]
+    def maxes(self, err, Tx, u) -> list:
+        """``max err``, ``max |Tx|`` and ``max |log u|`` as floats (``inf`` for a zero or NaN
+        ``u``)."""
+        lo, hi = float(u.min()), float(u.max())
+        ul = max(math.log(hi), -math.log(lo)) if lo > 0.0 else math.inf
+        return [float(err.max()), max(float(Tx.max()), -float(Tx.min())), ul]
+
+    def record(self, err):
+        return err
+
+    def history(self, hist: list) -> list:
+        return [h if isinstance(h, Tensor) else self.tensor(h) for h in hist]
 
     def solve(self, A, rhs):
-        return _small_lstsq_np(A, rhs)
+        return _small_lstsq_np(A, rhs, self.posv)
 
     def quiet(self):
         # an extrapolation that overshoots gives inf and NaN, which the loop detects (it then
         # restarts with adaptive relaxation): no RuntimeWarning for the user, as in torch
-        return self.np.errstate(all="ignore")
+        return np.errstate(all="ignore")
 
 
 class _DeviceOps:
@@ -922,14 +962,21 @@ class _DeviceOps:
     def empty(self, shape) -> Tensor:
         return torch.empty(shape, dtype=torch.float64, device=self.device)
 
-    def exp(self, x: Tensor) -> Tensor:
-        return torch.exp(x)
+    def scaling(self, x: Tensor):
+        v = torch.exp(x).to(self.dtype)
+        return v, v.to(torch.float64)
 
     def log(self, x: Tensor) -> Tensor:
         return torch.log(x)
 
-    def maxes(self, xs) -> list:
-        return torch.stack([x.max() for x in xs]).tolist()
+    def maxes(self, err: Tensor, Tx: Tensor, u: Tensor) -> list:
+        return torch.stack([err.max(), Tx.abs().max(), torch.log(u).abs().max()]).tolist()
+
+    def record(self, err: Tensor) -> Tensor:
+        return err.to(self.dtype)
+
+    def history(self, hist: list) -> list:
+        return hist
 
     def solve(self, A: Tensor, rhs: Tensor) -> Tensor:
         return _small_lstsq(A, rhs)
@@ -993,19 +1040,18 @@ def _anderson_iterate(xp, E, zmax, G_ref, a, b, asum, tol, max_iter, step, absor
     n_iter = torch.full(batch, -1, dtype=torch.long, device=device)
     it = 0
     while it < max_iter:
-        v = xp.tensor(xp.exp(x))
+        v, vw = xp.scaling(x)  # vw: the values of v as an array (a buffer on the host)
         u, Ktu = step(E, v)
         it += 1
         Kw = xp.arr(Ktu)
-        err = abs(xp.arr(v) * Kw - bw).sum(-1) / asw  # rows are exact: u = a / E v
+        err = abs(vw * Kw - bw).sum(-1) / asw  # rows are exact: u = a / E v
         Tx = logb - xp.log(Kw)
-        emax, xmax, umax = xp.maxes([err, abs(Tx), abs(xp.log(xp.arr(u)))])
-        err_t = xp.tensor(err)
-        history.append(err_t)
+        emax, xmax, umax = xp.maxes(err, Tx, xp.arr(u))
+        history.append(xp.record(err))
         if not math.isfinite(emax):  # a non-finite u or v makes the error non-finite
             return None
         if emax <= tol or it >= max_iter or (batch and bool((err <= tol).any())):
-            newly = (err_t <= tol) & (n_iter < 0)
+            newly = (xp.tensor(err) <= tol) & (n_iter < 0)
             n_iter = torch.where(newly, torch.full_like(n_iter, it), n_iter)
             if emax <= tol or it >= max_iter:
                 P, errP, _ = materialise(E, u, v)
@@ -1014,7 +1060,7 @@ def _anderson_iterate(xp, E, zmax, G_ref, a, b, asum, tol, max_iter, step, absor
                 if not bool(bad.any()) or it >= max_iter:
                     F, G = absorb(u, v, zmax, G_ref)
                     n_iter = torch.where(n_iter < 0, torch.full_like(n_iter, it), n_iter)
-                    return F, G, P, errP, n_iter, it, history
+                    return F, G, P, errP, n_iter, it, xp.history(history)
                 # round-off of the materialised plan: rebuild the kernel (it may have become
                 # the plan) at the current potentials and go on
                 n_iter = torch.where(bad, torch.full_like(n_iter, -1), n_iter)
