@@ -1138,22 +1138,30 @@ def test_cpu_kernels_have_no_subnormal_entries(monkeypatch, dtype, eps):
     # subnormal kernel entries make every matrix-vector product several times slower on x86; the
     # scaling engine sets them to zero. Control: the same solve with the plain exp takes the same
     # iterations to the same reported error, and the plans differ by less than the documented
-    # weight of a flushed entry, e^-43 (float32) or e^-354 (float64) of the row's largest
+    # weight of a zeroed entry, e^-42 (float32) or e^-352 (float64) of the row's largest
     C, a, b = _problem(300, 300, seed=34, uniform=False, dtype=dtype)
     C = C / C.max()
     tiny = torch.finfo(dtype).tiny
     raw = torch.exp(-(C - C.amin(-1, keepdim=True)) / eps)
     assert bool(((raw > 0) & (raw < tiny)).any())  # the problem does produce subnormals
     subnormal = []  # per kernel built, at the time it is built (it becomes the plan later)
-    real = sk._exp_kernel_
+    lowest = []  # the smallest exponent exp_ sees (its slow path: results below tiny)
+    real, real_exp_ = sk._exp_kernel_, torch.Tensor.exp_
+
+    def exp_spy(self):
+        lowest.append(float(self.min()))
+        return real_exp_(self)
 
     def spy(Z):
+        monkeypatch.setattr(torch.Tensor, "exp_", exp_spy)
         E = real(Z)
+        monkeypatch.setattr(torch.Tensor, "exp_", real_exp_)
         subnormal.append(bool(((E > 0) & (E < tiny)).any()))
         return E
 
     kw = dict(tol=1e-5, max_iter=20000, grad="none")
-    bound = tiny * math.exp(2 * sk._scaling_bound(dtype))
+    bound = 1.5 * math.exp(sk._EXP_FLOOR[dtype] + 2 * sk._scaling_bound(dtype))
+    assert bound < math.exp(-42 if dtype == torch.float32 else -352)
     for momentum in ("anderson", "adaptive"):
         monkeypatch.setattr(sk, "_exp_kernel_", spy)
         res = bs.sinkhorn(C, eps, a, b, momentum=momentum, **kw)
@@ -1165,6 +1173,8 @@ def test_cpu_kernels_have_no_subnormal_entries(monkeypatch, dtype, eps):
         gap = (res.plan - plain.plan).abs() / plain.plan.amax(-1, keepdim=True)
         assert float(gap.max()) <= bound
     assert subnormal and not any(subnormal)
+    if dtype == torch.float32:  # the clamp (float64 goes without: see _exp_kernel_)
+        assert lowest and min(lowest) >= math.log(tiny)
 
 
 def test_lift_pow2_lifts_the_smallest_positive_entry_by_a_power_of_two():
@@ -1239,6 +1249,50 @@ def test_float32_column_products_have_no_subnormal_terms(monkeypatch, n, threads
     finally:
         torch.set_num_threads(old)
     assert seen and not any(seen)
+
+
+def test_float32_batched_column_products_have_no_subnormal_terms(monkeypatch):
+    # the batched column product lifts each matrix's u by its own power of two (float32, CPU,
+    # no host synchronisation): a spy on torch.matmul finds no subnormal term u_i E_ij in any
+    # column product of the solve. Control: without the lift the spy finds them, and the solve
+    # takes the same iterations to the same reported error and plan to float32 round-off
+    g = _gen(36)
+    x = torch.rand(4, 200, 2, generator=g, dtype=F64)
+    y = torch.rand(4, 200, 2, generator=g, dtype=F64)
+    C = torch.cdist(x, y) ** 2
+    C = (C / C.amax((-1, -2), keepdim=True)).float()
+    tiny = torch.finfo(torch.float32).tiny
+    real_matmul = torch.matmul
+    kw = dict(tol=1e-5, max_iter=20000, grad="none")
+
+    def solve(lifted):
+        seen = []
+
+        def spy(A, B, **k):
+            if A.dim() == 3 and A.shape[-2] == 1:  # u (b, 1, n) @ E (b, n, m): a column product
+                t = B * A.transpose(-1, -2)
+                seen.append(bool(((t > 0) & (t < tiny)).any()))
+            return real_matmul(A, B, **k)
+
+        if not lifted:
+            monkeypatch.setattr(sk, "_lift_pow2_batched", lambda x, margin=0: 1.0)
+        monkeypatch.setattr(torch, "matmul", spy)
+        try:
+            res = bs.sinkhorn(C, 0.002, momentum="anderson", **kw)
+        finally:
+            monkeypatch.undo()
+        return res, seen
+
+    res, seen = solve(True)
+    plain, seen_plain = solve(False)
+    assert seen and not any(seen)
+    assert any(seen_plain)  # the control: the problem does produce subnormal terms
+    assert res.all_converged and res.iterations == plain.iterations
+    _assert_honest(res)
+    torch.testing.assert_close(res.marginal_error, plain.marginal_error, rtol=1e-3, atol=0)
+    torch.testing.assert_close(res.plan, plain.plan, atol=1e-9, rtol=1e-5)
+    k = sk._lift_pow2_batched(torch.tensor([[1e-8, 0.5], [0.0, 0.0], [3.0, 4.0], [1e-30, 1e20]]))
+    assert k.squeeze(-1).tolist() == [2.0 ** 27, 1.0, 1.0, 2.0 ** 33]
 
 
 def test_anderson_keeps_its_memory_across_absorptions_in_float32():

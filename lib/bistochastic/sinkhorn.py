@@ -27,9 +27,9 @@ most 2 MiB on one intra-op thread (its passes are too short for a parallel regio
 runs fixed-iteration batches of tiny matrices (``n, m <= 16``, the mHC shape) in a planar
 ``(n, m, batch)`` layout, absorbing the scalings there too at low temperature; none of this
 changes the iterations or what the result reports. It also keeps subnormal numbers, on which x86
-cores slow down several-fold, out of its products: its kernels hold no subnormal entries (they
-would weigh less than ``e^-43`` of their row's largest in the plan), and in float32 the column
-product lifts ``u`` by a power of two (exact).
+cores slow down several-fold, out of its products and its ``exp``: its kernels hold no
+subnormal entries (they would weigh less than ``e^-42`` of their row's largest in the plan), and
+in float32 the column product lifts ``u`` by a power of two (exact).
 
 Both accept over-relaxation (``momentum``), fixed or adaptive (Lehmann et al. 2021, as in OTT-JAX).
 The scaling engine also offers Anderson acceleration (``momentum="anderson"``, Walker & Ni 2011):
@@ -455,24 +455,40 @@ def _scaling_bound(dtype: torch.dtype) -> float:
     return 0.25 * math.log(torch.finfo(dtype).max)
 
 
+#: Natural logarithms just above the smallest normal numbers (float32: e^-87.34, float64:
+#: e^-708.4): the kernel entries whose exponent is below become zero on the CPU.
+_EXP_FLOOR = {torch.float32: -87.0, torch.float64: -708.0}
+
+
 def _exp_kernel_(Z: Tensor) -> Tensor:
     """``exp`` in place, for a kernel of the scaling engine (``Z <= 0``, rows with maximum 0).
 
-    On the CPU the entries below the dtype's smallest normal number (``e^-87`` against the row's
-    largest in float32, ``e^-708`` in float64) become zero: x86 cores take a slow path for every
-    subnormal operand, and each matrix-vector product with such a kernel runs several times
-    slower (n = 1024, float32, eps = 0.002, 6.9 % of the entries subnormal: 2.08 ms against
-    0.21 ms per product on this project's CPU; float64, eps = 0.0005, 1.7 % subnormal: 0.85 ms
-    against 0.36 ms; benchmarks/probe_subnormal.py, output in
-    benchmarks/results/probe_subnormal_floor.txt). Such an entry weighs less than ``e^-43``
-    (float32) or ``e^-354`` (float64) of its row's largest entry in the plan while the scalings
-    lie in ``[e^-τ, e^τ]``, ``τ`` :func:`_scaling_bound`. (The products of the kept entries with
-    small scalings can still be subnormal: the column product lifts its vector, see
+    On the CPU the entries below the dtype's smallest normal number become zero: those at
+    ``1.5 e^floor`` or below, the floor :data:`_EXP_FLOOR` (-87 in float32, -708 in float64).
+    x86 cores take a slow path for every subnormal operand: each matrix-vector product with a
+    kernel holding them runs several times slower (n = 1024, float32, eps = 0.002, 6.9 % of the
+    entries subnormal: 2.08 ms against 0.21 ms per product on this project's CPU; float64,
+    eps = 0.0005, 1.7 % subnormal: 0.85 ms against 0.36 ms). In float32 the exponents are
+    clamped at the floor first: torch's ``exp`` is 20-60x slower per element for inputs whose
+    result is subnormal or zero (n = 1024, eps = 0.002: 19.5 ms against 1.2 ms for the kernel;
+    benchmarks/probe_subnormal.py, output in benchmarks/results/probe_subnormal_exp.txt). In
+    float64 such inputs need a cost range over eps above 708; there the clamp would save 7 ms of
+    a 150 ms solve (n = 1024, eps = 0.0005) and its extra pass cost 2-9 % at eps = 0.01, so
+    float64 goes without it. A zeroed entry weighs less than ``e^-42`` (float32) or ``e^-352``
+    (float64) of its row's largest entry in the plan while the scalings lie in
+    ``[e^-τ, e^τ]``, ``τ`` :func:`_scaling_bound`. (The products of the kept entries with small
+    scalings can still be subnormal: the column product lifts its vector, see
     :func:`_lift_pow2`. On an accelerator subnormals cost nothing extra: left alone.)"""
-    E = Z.exp_()
-    if E.device.type == "cpu" and E.dtype in (torch.float32, torch.float64):
-        torch.nn.functional.threshold_(E, torch.finfo(E.dtype).tiny, 0.0)
-    return E
+    if Z.device.type == "cpu" and Z.dtype in (torch.float32, torch.float64):
+        lo = _EXP_FLOOR[Z.dtype]
+        if Z.dtype == torch.float32:
+            # torch's exp takes a slow path for every input whose result is subnormal or zero
+            # (inputs below -87): those entries are clamped just above, then zeroed
+            Z.clamp_(min=lo)
+        E = Z.exp_()
+        torch.nn.functional.threshold_(E, 1.5 * math.exp(lo), 0.0)
+        return E
+    return Z.exp_()
 
 
 #: The column product's lift (float32, CPU) is found again at every ``_LIFT_EVERY``-th product
@@ -504,6 +520,16 @@ def _lift_pow2(x: Tensor, margin: int = 0) -> float:
         return 1.0
     k = min(margin - math.floor(math.log2(lo)), 100 - math.ceil(math.log2(hi)))
     return math.ldexp(1.0, k) if k > 0 else 1.0
+
+
+def _lift_pow2_batched(x: Tensor, margin: int = 0) -> Tensor:
+    """:func:`_lift_pow2` for each vector of a batch ``x (..., m)``: a tensor ``(..., 1)`` of
+    powers of two (1 where a vector has no positive entry or is already that large), found
+    without a host synchronisation."""
+    lo = torch.where(x > 0, x, torch.full_like(x, math.inf)).amin(-1, keepdim=True)
+    hi = x.amax(-1, keepdim=True)
+    e = torch.minimum(margin - torch.floor(torch.log2(lo)), 100 - torch.ceil(torch.log2(hi)))
+    return torch.exp2(e.clamp_(min=0.0))
 
 
 def _relax(x: Tensor, xn: Tensor, omega: float, mask: Optional[Tensor]) -> Tensor:
@@ -569,12 +595,13 @@ def _absorb_solve(
     # is subnormal (exact; see _lift_pow2). The power is found from u when the kernel changes and
     # at every _LIFT_EVERY-th product, with a margin of 2^_LIFT_MARGIN for the drift of u in
     # between (an Anderson step can move u by more than 2^8)
-    lift = dtype == torch.float32 and device.type == "cpu" and len(shape) == 2
+    lift = dtype == torch.float32 and device.type == "cpu"
     lift_state: list = [None, 1.0, 0]  # kernel, power, products left before the next refresh
 
     def lift_k(E, u_src):
         if lift_state[0] is not E or lift_state[2] <= 0:
-            lift_state[:] = [E, _lift_pow2(u_src(), _LIFT_MARGIN), _LIFT_EVERY]
+            find = _lift_pow2 if E.dim() == 2 else _lift_pow2_batched
+            lift_state[:] = [E, find(u_src(), _LIFT_MARGIN), _LIFT_EVERY]
         lift_state[2] -= 1
         return lift_state[1]
 
@@ -586,6 +613,9 @@ def _absorb_solve(
             if k != 1.0:
                 return torch.mv(E.t(), u_ * k).mul_(1.0 / k)
             return torch.mv(E.t(), u_)  # GEMV: faster than a 1-row GEMM
+        if lift:  # one power of two per matrix, (..., 1)
+            k = lift_k(E, lambda: u_)
+            return torch.matmul((u_ * k).unsqueeze(-2), E).squeeze(-2).div_(k)
         return torch.matmul(u_.unsqueeze(-2), E).squeeze(-2)
 
     def row(E, v_):
