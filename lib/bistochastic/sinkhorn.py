@@ -933,7 +933,6 @@ class _HostOps:
     def __init__(self, dtype: torch.dtype):
         from scipy.linalg import lapack  # a dependency; imported on the first Anderson solve
 
-        self.np = np
         self.dtype = dtype
         self.v = self.v_arr = None
         self.posv = lapack.dposv
