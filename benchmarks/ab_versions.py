@@ -8,7 +8,9 @@ machine. Not a test; run on a quiet machine, the older version checked out in a 
 
 The older package is loaded under another name (`bistochastic_old`) from its own files. Prints,
 per problem, both iteration counts and times and the ratio new / old; n = 64 runs adaptive
-relaxation in both (below Anderson's threshold), so its ratio shows the noise of the run.
+relaxation in both (below Anderson's threshold), so its ratio shows the noise of the run. With
+`--tiny`: batches of tiny matrices instead; with `--iterations`: the iteration counts of 192
+problems, old against new.
 """
 import argparse
 import importlib.util
@@ -29,6 +31,13 @@ parser.add_argument("--sizes", type=int, nargs="*", default=[64, 128, 256, 512, 
 parser.add_argument("--batches", default="1024x16,64x64,8x256",
                     help="batches as BxN, comma-separated ('' for none)")
 parser.add_argument("--eps", type=float, nargs="*", default=[0.05, 0.01])
+parser.add_argument("--tiny", action="store_true",
+                    help="instead: batches of tiny matrices (2x2 to 16x16, float32, 20 sweeps, "
+                         "tau 1, no autograd: the planar loop), minimum of 15")
+parser.add_argument("--iterations", action="store_true",
+                    help="instead: iteration counts of 192 problems (float32 and float64, "
+                         "n = 128 to 512, eps 0.05 to 0.001, three seeds, uniform and random "
+                         "marginals), the ones that differ printed")
 args = parser.parse_args()
 
 root = os.path.join(os.path.abspath(args.old_lib), "bistochastic")
@@ -57,6 +66,55 @@ def compare(label, C, a, b, eps, reps):
           f"{best['new'] / best['old']:.3f}", flush=True)
 
 
+if args.tiny:
+    print(f"tiny batches, float32, 20 sweeps, tau 1, {args.threads} thread(s), minimum of 15, "
+          f"interleaved; old = {args.old_lib}")
+    g = torch.Generator().manual_seed(1)
+    for n, B in ((2, 262144), (4, 65536), (8, 16384), (16, 4096)):
+        L = torch.randn(B, n, n, generator=g)
+        best = {}
+        for mod in (old, new):
+            mod.project_dsm(L, 1.0, n_iter=20, grad="none")
+        for _ in range(15):
+            for name, mod in (("old", old), ("new", new)):
+                t0 = time.perf_counter()
+                mod.project_dsm(L, 1.0, n_iter=20, grad="none")
+                best[name] = min(best.get(name, 1e9), time.perf_counter() - t0)
+        print(f"{B} x {n} x {n}: old {best['old'] * 1e3:7.1f} ms   new {best['new'] * 1e3:7.1f} ms"
+              f"   new / old {best['new'] / best['old']:.3f}", flush=True)
+    sys.exit()
+if args.iterations:
+    print(f"iteration counts, tol 1e-6 (float64) or 1e-5 (float32); old = {args.old_lib}")
+    total, differ = 0, []
+    for dt in (torch.float64, torch.float32):
+        for n, m in ((128, 128), (200, 150), (300, 300), (512, 400)):
+            for eps in (0.05, 0.01, 0.002, 0.001):
+                for seed in range(3):
+                    for uniform in (True, False):
+                        g = torch.Generator().manual_seed(seed)
+                        x = torch.rand(n, 2, generator=g, dtype=dt)
+                        y = torch.rand(m, 2, generator=g, dtype=dt)
+                        C = torch.cdist(x, y) ** 2
+                        C = C / C.max()
+                        a = torch.full((n,), 1.0 / n, dtype=dt)
+                        b = torch.full((m,), 1.0 / m, dtype=dt)
+                        if not uniform:
+                            a = torch.rand(n, generator=g, dtype=dt) + 0.1
+                            b = torch.rand(m, generator=g, dtype=dt) + 0.1
+                            a, b = a / a.sum(), b / b.sum()
+                        kw = dict(tol=1e-6 if dt == torch.float64 else 1e-5, max_iter=20000,
+                                  warn=False)
+                        r0, r1 = old.sinkhorn(C, eps, a, b, **kw), new.sinkhorn(C, eps, a, b, **kw)
+                        total += 1
+                        if (r0.iterations, bool(r0.converged)) != (r1.iterations,
+                                                                    bool(r1.converged)):
+                            differ.append(f"{str(dt)[6:]} {n}x{m} eps {eps} seed {seed} "
+                                          f"uniform {uniform}: {r0.iterations} -> "
+                                          f"{r1.iterations} iterations, converged "
+                                          f"{bool(r0.converged)} -> {bool(r1.converged)}")
+    print(f"{total} problems, {len(differ)} with other counts")
+    print("\n".join(differ))
+    sys.exit()
 print(f"{args.dtype}, {args.threads} thread(s), tol 1e-6, default momentum, minimum of 7-15, "
       f"interleaved; old = {args.old_lib}")
 for n in args.sizes:

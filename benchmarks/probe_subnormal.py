@@ -5,6 +5,7 @@ subnormal notes in benchmarks/README.md. Not a test; run on a quiet machine:
 
     PYTHONPATH=lib .venv/bin/python benchmarks/probe_subnormal.py
     PYTHONPATH=lib .venv/bin/python benchmarks/probe_subnormal.py batched
+    PYTHONPATH=lib .venv/bin/python benchmarks/probe_subnormal.py exp
 
 First the two products of an iteration, `E v` and `Eᵀ u`, with the kernel
 `E = exp(-(C - r)/eps)` and the converged scalings `u = exp((f - r)/eps)`, `v = exp(g/eps)` of
@@ -16,6 +17,7 @@ Then `bs.sinkhorn` (tol 1e-6, default momentum, which is Anderson acceleration a
 adaptive relaxation) as the engine runs it, without the clamp, without the lift, and with a plain
 `exp` and no lift; interleaved, minimum of 3. With `batched`: float32 batches with the batched
 column product's lift and without it (1024 matrices of 16 x 16 capped at 3000 iterations).
+With `exp`: torch's `exp` (clone included) on tensors filled with one value, from -1 to -inf.
 """
 import importlib
 import math
@@ -81,6 +83,15 @@ engine_exp, engine_lift = sk._exp_kernel_, sk._lift_pow2
 VARIANTS = (("engine", engine_exp, engine_lift), ("exp not clamped", unclamped_exp, engine_lift),
             ("no lift", engine_exp, no_lift), ("plain exp, no lift", plain_exp, no_lift))
 
+if sys.argv[1:] == ["exp"]:
+    # torch's exp per element, by input: 1024 x 1024 constant tensors, one thread, minimum of 5
+    print("torch exp of a 1024 x 1024 tensor filled with one value, one thread (ms, minimum of 5)")
+    for dtype in (torch.float32, torch.float64):
+        for value in (-1.0, -50.0, -86.0, -95.0, -103.0, -110.0, -200.0, -750.0, -1e4, -math.inf):
+            Z = torch.full((1024, 1024), value, dtype=dtype)
+            t = min(timed(lambda: Z.clone().exp_()) for _ in range(5))
+            print(f"{str(dtype)[6:]} {value:>8}: {t:6.2f}")
+    sys.exit()
 if sys.argv[1:] == ["batched"]:
     # batches in float32: the batched column product's lift (one power of two per matrix) against
     # none, Anderson acceleration (the default at these sizes), tol 1e-5, minimum of 3

@@ -469,9 +469,10 @@ def _exp_kernel_(Z: Tensor) -> Tensor:
     kernel holding them runs several times slower (n = 1024, float32, eps = 0.002, 6.9 % of the
     entries subnormal: 2.08 ms against 0.21 ms per product on this project's CPU; float64,
     eps = 0.0005, 1.7 % subnormal: 0.85 ms against 0.36 ms). In float32 the exponents are
-    clamped at the floor first: torch's ``exp`` is 20-60x slower per element for inputs whose
-    result is subnormal or zero (n = 1024, eps = 0.002: 19.5 ms against 1.2 ms for the kernel;
-    benchmarks/probe_subnormal.py, output in benchmarks/results/probe_subnormal_exp.txt). In
+    clamped at the floor first: torch's ``exp`` is 7-65x slower per element for inputs whose
+    result is subnormal or zero (n = 1024, eps = 0.002: 19.2 ms against 1.1 ms for the kernel;
+    benchmarks/probe_subnormal.py, outputs in benchmarks/results/probe_subnormal_exp.txt and
+    probe_subnormal_exp_inputs.txt). In
     float64 such inputs need a cost range over eps above 708; there the clamp would save 7 ms of
     a 150 ms solve (n = 1024, eps = 0.0005) and its extra pass cost 2-9 % at eps = 0.01, so
     float64 goes without it. A zeroed entry weighs less than ``e^-42`` (float32) or ``e^-352``
